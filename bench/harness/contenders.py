@@ -1,0 +1,360 @@
+"""The contenders: the nginx upstream, nginx as a proxy, Twisted's stock proxy, bungate.
+
+Each contender is a server on 127.0.0.1 that we start in its own session, wait for with a
+real request, load, measure through /proc, and kill with its whole process tree.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+from . import probe, procs
+
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+
+#: The upstream's body for ``GET /``: 13 bytes.
+BODY = "Hello, World!"
+#: Paths served by the upstream (and, through every proxy, by the contenders).
+PATH_SMALL = "/"
+PATH_1MIB = "/files/1mib.bin"
+PATH_100MIB = "/files/100mib.bin"
+
+_NGINX_COMMON = """\
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+{body}
+}}
+"""
+
+_NGINX_UPSTREAM = """\
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = / {{ default_type text/plain; return 200 "{text}"; }}
+        location /files/ {{ alias {files}/; }}
+    }}
+"""
+
+_NGINX_PROXY = """\
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
+_BUNGATE_CONFIG = """\
+server: {{host: 127.0.0.1, port: {port}}}
+cluster: {{enabled: true, workers: {workers}{python}}}
+logger: {{level: warn, request_logging: false}}
+routes:
+  - {{pattern: /*, target: "http://127.0.0.1:{upstream_port}"}}
+"""
+
+
+class Skip(Exception):
+    """A contender cannot run here (e.g. PyPy is not installed); the reason is the message."""
+
+
+class Contender:
+    """
+    A server under test.
+
+    :ivar name: the short name used in tables, ``--only`` and JSON.
+    :ivar port: the port it serves on 127.0.0.1.
+    :ivar workers: how many worker processes it should have (0: single process).
+    :ivar worker_title: the process title prefix of its workers, if any.
+    """
+
+    name = "?"
+    workers = 0
+    worker_title: Optional[str] = None
+
+    def __init__(self, workdir: str) -> None:
+        """
+        :param workdir: a private temporary directory for configs and logs.
+        """
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.port = procs.free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = os.path.join(workdir, "output.log")
+
+    def command(self) -> List[str]:
+        """:return: argv that starts the server in the foreground."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """
+        :raises Skip: when the contender cannot run on this machine.
+        """
+
+    def start(self) -> None:
+        """Start the server (does not wait for it)."""
+        self.check()
+        self.proc = procs.spawn(self.command(), self.log_path, cwd=REPO_DIR, env=self.env())
+
+    def env(self) -> Optional[Dict[str, str]]:
+        """:return: the environment for the server; ``None`` inherits ours."""
+        return None
+
+    def alive(self) -> bool:
+        """:return: whether the process we started is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float) -> float:
+        """
+        Wait until the server answers ``GET /`` with 200 and all its workers exist.
+
+        :param timeout: seconds.
+        :return: seconds it took.
+        :raises probe.NotReady: with the reason and the tail of the server's output.
+        """
+        try:
+            took = probe.wait_ok(self.port, timeout, PATH_SMALL, alive=self.alive)
+        except probe.NotReady as e:
+            raise probe.NotReady(f"{e}{self.log_tail()}") from None
+        if self.workers:
+            procs.wait_for(lambda: len(self.worker_pids()) >= self.workers, timeout=timeout)
+        return took
+
+    def log_tail(self, lines: int = 5) -> str:
+        """:return: the last lines of the server's output, for error messages."""
+        try:
+            with open(self.log_path, errors="replace") as f:
+                tail = f.read().strip().splitlines()[-lines:]
+        except OSError:
+            return ""
+        return ("\n    | " + "\n    | ".join(tail)) if tail else ""
+
+    def stop(self) -> None:
+        """Stop the server and every process it started."""
+        procs.stop(self.proc)
+        self.proc = None
+
+    @property
+    def root_pid(self) -> Optional[int]:
+        """The process we started (the master, for multi-process servers)."""
+        return self.proc.pid if self.alive() else None
+
+    def pids(self) -> List[int]:
+        """:return: every process of the server, the root first."""
+        return procs.process_tree(self.root_pid) if self.root_pid else []
+
+    def worker_pids(self) -> List[int]:
+        """:return: the worker processes (the root itself for single-process servers)."""
+        if not self.root_pid:
+            return []
+        if not self.workers:
+            return [self.root_pid]
+        kids = procs.children(self.root_pid)
+        titled = [p for p in kids if procs.cmdline(p).startswith(self.worker_title or "\0")]
+        return titled or kids
+
+    def url(self, path: str = PATH_SMALL) -> str:
+        """:return: the URL of ``path`` on this server."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    #: The signal that makes the server replace its workers without downtime, if any.
+    roll_signal: Optional[int] = None
+    #: How the roll is named in tables.
+    roll_label = ""
+
+
+class NginxUpstream(Contender):
+    """The upstream: nginx answering 13 bytes, and serving 1 MiB and 100 MiB files."""
+
+    name = "nginx-direct"
+    workers = 1
+    worker_title = "nginx: worker"
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        self.files = os.path.join(workdir, "files")
+        os.makedirs(self.files, exist_ok=True)
+        with open(os.path.join(self.files, "1mib.bin"), "wb") as f:
+            f.write(os.urandom(1024 * 1024))
+        with open(os.path.join(self.files, "100mib.bin"), "wb") as f:
+            f.truncate(100 * 1024 * 1024)  # sparse: instant, and nginx sends zeros
+        # nginx workers run as "nobody" when we are root: let them read the files.
+        for path in (workdir, self.files):
+            os.chmod(path, 0o755)
+        self.config_path = os.path.join(workdir, "nginx.conf")
+
+    def config(self) -> str:
+        """:return: the nginx.conf text."""
+        body = _NGINX_UPSTREAM.format(port=self.port, text=BODY, files=self.files)
+        return _NGINX_COMMON.format(workers=self.workers, prefix=self.workdir, body=body)
+
+    def check(self) -> None:
+        """:raises Skip: when nginx is not on PATH."""
+        if not shutil.which("nginx"):
+            raise Skip("nginx is not on PATH (apt-get install nginx-light)")
+
+    def command(self) -> List[str]:
+        """:return: nginx in the foreground with our generated config."""
+        with open(self.config_path, "w") as f:
+            f.write(self.config())
+        return ["nginx", "-c", self.config_path, "-p", self.workdir, "-g", "daemon off;"]
+
+    roll_signal = signal.SIGHUP
+    roll_label = "SIGHUP (nginx -s reload)"
+
+
+class NginxProxy(NginxUpstream):
+    """nginx as a reverse proxy with an upstream keep-alive pool."""
+
+    def __init__(self, workdir: str, upstream_port: int, workers: int) -> None:
+        """
+        :param workdir: a private temporary directory.
+        :param upstream_port: the upstream nginx's port.
+        :param workers: ``worker_processes``.
+        """
+        Contender.__init__(self, workdir)
+        os.chmod(workdir, 0o755)
+        self.config_path = os.path.join(workdir, "nginx.conf")
+        self.upstream_port = upstream_port
+        self.workers = workers
+        self.name = f"nginx-proxy-{workers}w"
+
+    def config(self) -> str:
+        """:return: the nginx.conf text."""
+        body = _NGINX_PROXY.format(port=self.port, upstream_port=self.upstream_port)
+        return _NGINX_COMMON.format(workers=self.workers, prefix=self.workdir, body=body)
+
+
+class StockProxy(Contender):
+    """Twisted's ``ReverseProxyResource`` in one process (``bench/stock_proxy.py``)."""
+
+    name = "twisted-stock"
+
+    def __init__(self, workdir: str, upstream_port: int, python: str) -> None:
+        """
+        :param workdir: a private temporary directory.
+        :param upstream_port: the upstream nginx's port.
+        :param python: the interpreter that has Twisted.
+        """
+        super().__init__(workdir)
+        self.upstream_port = upstream_port
+        self.python = python
+
+    def command(self) -> List[str]:
+        """:return: the stock proxy script's command line."""
+        script = os.path.join(BENCH_DIR, "stock_proxy.py")
+        return [self.python, script, str(self.port), str(self.upstream_port)]
+
+
+def import_check(python: str, modules: str) -> Optional[str]:
+    """
+    Whether an interpreter can import some modules (from the gateway's working directory).
+
+    :param python: the interpreter.
+    :param modules: a comma-separated module list for an ``import`` statement.
+    :return: ``None`` when it can, else the reason (the error's last line).
+    """
+    if not shutil.which(python) and not os.path.exists(python):
+        return f"{python} is not on PATH"
+    try:
+        result = subprocess.run(
+            [python, "-c", f"import {modules}"],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{python}: {e}"
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+        return f"{python} -c 'import {modules}': {lines[-1]}"
+    return None
+
+
+class Bungate(Contender):
+    """bungate: a master and N workers, started as ``python -m twisted bungate``."""
+
+    worker_title = "bungate worker"
+    roll_signal = signal.SIGUSR2
+    roll_label = "SIGUSR2"
+
+    def __init__(
+        self,
+        workdir: str,
+        upstream_port: int,
+        python: str,
+        workers: int,
+        worker_python: Optional[str] = None,
+    ) -> None:
+        """
+        :param workdir: a private temporary directory.
+        :param upstream_port: the upstream nginx's port.
+        :param python: the master's interpreter.
+        :param workers: ``cluster.workers``.
+        :param worker_python: ``cluster.python`` (e.g. ``pypy3``), or ``None``.
+        """
+        super().__init__(workdir)
+        self.upstream_port = upstream_port
+        self.python = python
+        self.workers = workers
+        self.worker_python = worker_python
+        suffix = "-pypy" if worker_python else ""
+        self.name = f"bungate-{workers}w{suffix}"
+        self.config_path = os.path.join(workdir, "gateway.yaml")
+
+    def config(self) -> str:
+        """:return: the gateway's YAML config."""
+        python = f", python: {self.worker_python}" if self.worker_python else ""
+        return _BUNGATE_CONFIG.format(
+            port=self.port,
+            workers=self.workers,
+            python=python,
+            upstream_port=self.upstream_port,
+        )
+
+    def check(self) -> None:
+        """:raises Skip: when the worker interpreter cannot import bungate and Twisted."""
+        if self.worker_python:
+            reason = import_check(self.worker_python, "bungate, twisted.web")
+            if reason:
+                raise Skip(reason)
+
+    def command(self) -> List[str]:
+        """:return: ``<python> -m twisted bungate --config FILE``."""
+        with open(self.config_path, "w") as f:
+            f.write(self.config())
+        return [self.python, "-m", "twisted", "bungate", "--config", self.config_path]
+
+    def env(self) -> Dict[str, str]:
+        """:return: our environment, with unbuffered output for readable logs."""
+        return dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def default_python() -> str:
+    """
+    The interpreter that runs bungate and the stock proxy.
+
+    :return: ``$BUNGATE_PYTHON``, else the interpreter running this script.
+    """
+    return os.environ.get("BUNGATE_PYTHON") or sys.executable

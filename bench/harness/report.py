@@ -1,0 +1,148 @@
+"""Markdown tables from scenario results (see bench/README.md for the columns)."""
+
+import re
+from typing import Dict, List, Optional
+
+TITLES = {
+    "get": "GET / (13-byte body), wrk -t1 -c{c}",
+    "1mib": "GET 1 MiB body, wrk -t1 -c{c}",
+    "slow": "Slow client reading 100 MiB through the proxy",
+    "roll": "Rolling restarts under load",
+    "kill": "kill -9 of one worker under load",
+}
+
+COLUMNS = {
+    "get": [
+        "contender", "req/s", "min-max", "p50 ms", "p99 ms", "errors",
+        "RSS MiB", "RSS MiB per process", "share (CPU time)", "conns per worker",
+    ],
+    "1mib": [
+        "contender", "MB/s", "min-max", "req/s", "p50 ms", "p99 ms", "errors",
+        "RSS MiB", "RSS MiB per process",
+    ],
+    "slow": [
+        "contender", "MiB read", "s", "client MiB/s", "complete",
+        "peak RSS MiB", "peak RSS MiB per process", "RSS MiB before",
+    ],
+    "roll": [
+        "contender", "signals", "req/s", "errors", "socket c/r/w/t", "non-2xx/3xx",
+        "worker pids seen", "workers after",
+    ],
+    "kill": [
+        "contender", "killed → new pid", "spawned ms", "serving ms", "errors",
+        "socket c/r/w/t", "non-2xx/3xx", "req/s",
+    ],
+}  # fmt: skip
+
+
+def _cell(value: object) -> str:
+    return re.sub(r"\s+", " ", str(value)).replace("|", "\\|").strip()
+
+
+def _num(value: Optional[float], digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ms(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def _label(title: str, index: int) -> str:
+    """A short name for a process: M (master), w1 (bungate worker 1), w (nginx worker)."""
+    m = re.match(r"bungate worker (\S+)", title)
+    if m:
+        return f"w{m.group(1)}"
+    if title.startswith(("bungate master", "nginx: master")):
+        return "M"
+    if title.startswith("nginx: worker"):
+        return "w"
+    return "main" if index == 0 else f"p{index}"
+
+
+def _per_process(memory: Dict[str, object]) -> str:
+    parts = [
+        f"{_label(p['title'], i)} {p['kib'] / 1024:.0f}"
+        for i, p in enumerate(memory["per_process"])
+    ]
+    return " / ".join(parts) or "-"
+
+
+def _mib(kib: Optional[float]) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f}"
+
+
+def _shares(values: Optional[Dict[object, object]], percent: bool) -> str:
+    if not values:
+        return "-"
+    if percent:
+        return " / ".join("?" if v is None else f"{v * 100:.0f}%" for v in values.values())
+    return " / ".join(str(v) for v in values.values())
+
+
+def _socket(r: Dict[str, object]) -> str:
+    e = r["socket_errors"]
+    return f"{e['connect']}/{e['read']}/{e['write']}/{e['timeout']}"
+
+
+def _row(scenario: str, name: str, r: Dict[str, object]) -> List[str]:
+    if r["status"] != "ok":
+        return [name, f"{r['status']}: {r['reason']}"] + [""] * (len(COLUMNS[scenario]) - 2)
+    if scenario == "get":
+        return [
+            name, _num(r["rps"]), f"{_num(r['rps_min'])}-{_num(r['rps_max'])}",
+            _ms(r["p50_ms"]), _ms(r["p99_ms"]), str(r["errors"]),
+            _mib(r["memory"]["total_kib"]), _per_process(r["memory"]),
+            _shares(r.get("cpu_share"), True), _shares(r.get("connections"), False),
+        ]  # fmt: skip
+    if scenario == "1mib":
+        return [
+            name, _num(r["mb_per_s"], 1),
+            f"{_num(r['mb_per_s_min'], 1)}-{_num(r['mb_per_s_max'], 1)}",
+            _num(r["rps"]), _ms(r["p50_ms"]), _ms(r["p99_ms"]), str(r["errors"]),
+            _mib(r["memory"]["total_kib"]), _per_process(r["memory"]),
+        ]  # fmt: skip
+    if scenario == "slow":
+        return [
+            name, f"{r['bytes'] / 2**20:.1f}", f"{r['seconds']:.1f}",
+            f"{r['client_mib_per_s']:.1f}", "yes" if r["complete"] else "no (time limit)",
+            _mib(r["memory"]["total_kib"]), _per_process(r["memory"]),
+            _mib(r["rss_before"]["total_kib"]),
+        ]  # fmt: skip
+    if scenario == "roll":
+        return [
+            name, f"{r['signal']} x {len(r['signals_sent_at_s'])}", _num(r["rps"]),
+            str(r["errors"]), _socket(r), str(r["non_2xx_3xx"]),
+            str(r["worker_pids_seen"]), str(r["workers_after"]),
+        ]  # fmt: skip
+    if scenario == "kill":
+        return [
+            name, f"{r['killed_pid']} → {r['new_pid']}", _ms(r["spawned_ms"]),
+            f"{_ms(r['serving_ms'])} ({r['serving_seen_by']})", str(r["errors"]),
+            _socket(r), str(r["non_2xx_3xx"]), _num(r["rps"]),
+        ]  # fmt: skip
+    raise ValueError(scenario)
+
+
+def table(scenario: str, results: Dict[str, Dict[str, object]], connections: int) -> str:
+    """
+    One scenario as a markdown table with a heading.
+
+    :param scenario: ``get``, ``1mib``, ``slow``, ``roll`` or ``kill``.
+    :param results: ``{contender name: result}`` from the scenario.
+    :param connections: wrk's connection count, for the heading.
+    :return: markdown text.
+    """
+    cols = COLUMNS[scenario]
+    lines = [
+        f"### {TITLES[scenario].format(c=connections)}",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    for name, r in results.items():
+        lines.append("| " + " | ".join(_cell(c) for c in _row(scenario, name, r)) + " |")
+    return "\n".join(lines) + "\n"

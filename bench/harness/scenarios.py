@@ -1,0 +1,432 @@
+"""The scenarios: what load we put on each contender and what we read off it.
+
+Every scenario returns ``{contender name: result dict}``; a result dict has a ``status``
+(``ok``, ``skipped`` or ``failed``) and, when ``ok``, the figures the tables show.
+"""
+
+import http.client
+import os
+import signal
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from . import probe, procs, wrk
+from .contenders import PATH_1MIB, PATH_100MIB, PATH_SMALL, Contender
+
+
+@dataclass
+class Settings:
+    """How long and how often; ``--quick`` shrinks all of it."""
+
+    duration: int = 10
+    warmup: int = 2
+    warmup_1mib: int = 2
+    warmup_oneoff: int = 2
+    repeat: int = 3
+    connections: int = 50
+    ready_timeout: float = 30.0
+    slow_seconds: float = 60.0
+    slow_read: int = 64 * 1024
+    slow_pause: float = 0.010
+    roll_duration: int = 10
+    roll_count: int = 8
+    kill_duration: int = 10
+    kill_timeout: float = 10.0
+
+
+class Memory:
+    """Peak RSS per process of a contender, sampled while something runs."""
+
+    def __init__(self, contender: Contender) -> None:
+        """:param contender: whose process tree to sample."""
+        self.contender = contender
+        self.peak: Dict[int, int] = {}
+        self.titles: Dict[int, str] = {}
+
+    def sample(self) -> None:
+        """Read VmRSS of every process of the contender now, keep the maximum."""
+        for pid in self.contender.pids():
+            kib = procs.rss_kib(pid)
+            if kib is None:
+                continue
+            self.peak[pid] = max(kib, self.peak.get(pid, 0))
+            if pid not in self.titles:
+                self.titles[pid] = procs.cmdline(pid)[:60]
+
+    def merge(self, other: "Memory") -> None:
+        """:param other: another sampling of the same contender; keep the maxima."""
+        for pid, kib in other.peak.items():
+            self.peak[pid] = max(kib, self.peak.get(pid, 0))
+        self.titles.update(other.titles)
+
+    def as_dict(self) -> Dict[str, object]:
+        """:return: total and per-process peak RSS in KiB (root process first)."""
+        return {
+            "total_kib": sum(self.peak.values()),
+            "per_process": [
+                {"pid": pid, "title": self.titles.get(pid, ""), "kib": kib}
+                for pid, kib in self.peak.items()
+            ],
+        }
+
+
+def _during(proc, tick: Callable[[float], None], interval: float) -> None:
+    """Call ``tick(elapsed)`` every ``interval`` seconds until ``proc`` exits."""
+    start = time.monotonic()
+    while proc.poll() is None:
+        tick(time.monotonic() - start)
+        time.sleep(interval)
+
+
+def _skipped(reason: str) -> Dict[str, object]:
+    return {"status": "skipped", "reason": reason}
+
+
+def _failed(reason: str) -> Dict[str, object]:
+    return {"status": "failed", "reason": reason}
+
+
+def _worker_share(contender: Contender, cpu_before: Dict[int, float]) -> Dict[str, object]:
+    """Per-worker share of CPU time used since ``cpu_before`` (a proxy for requests)."""
+    deltas = {}
+    for pid, before in cpu_before.items():
+        after = procs.cpu_seconds(pid)
+        if after is not None:
+            deltas[pid] = after - before
+    total = sum(deltas.values())
+    return {pid: round(d / total, 3) if total > 0 else None for pid, d in sorted(deltas.items())}
+
+
+def _cpu_snapshot(contender: Contender) -> Dict[int, float]:
+    snap = {}
+    for pid in contender.worker_pids():
+        cpu = procs.cpu_seconds(pid)
+        if cpu is not None:
+            snap[pid] = cpu
+    return snap
+
+
+def _measured_run(
+    contender: Contender, path: str, settings: Settings, seconds: int
+) -> Dict[str, object]:
+    """One counted wrk run with memory, per-worker CPU share and connection counts."""
+    memory = Memory(contender)
+    cpu_before = _cpu_snapshot(contender)
+    conns: Dict[int, int] = {}
+
+    def tick(elapsed: float) -> None:
+        memory.sample()
+        if not conns and elapsed >= seconds / 2 and contender.workers > 1:
+            conns.update(procs.established_per_pid(contender.worker_pids(), contender.port))
+
+    proc = wrk.start(contender.url(path), seconds, settings.connections)
+    try:
+        _during(proc, tick, 0.25)
+        result = wrk.finish(proc, timeout=seconds + 15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run = result.as_dict()
+    run["memory"] = memory
+    if contender.workers > 1:
+        run["cpu_share"] = _worker_share(contender, cpu_before)
+        run["connections"] = conns
+    return run
+
+
+def throughput(
+    contenders: List[Contender],
+    path: str,
+    settings: Settings,
+    warmup: int,
+    log: Callable[[str], None],
+) -> Dict[str, Dict[str, object]]:
+    """
+    Load every contender with wrk, interleaved and repeated (A B C A B C ...).
+
+    :param contenders: running contenders (others are reported as they are).
+    :param path: the URL path to load.
+    :param settings: durations and repetitions.
+    :param warmup: seconds of warm-up before each counted run (0: none).
+    :param log: progress output.
+    :return: per contender: medians and ranges over the counted runs.
+    """
+    runs: Dict[str, List[Dict[str, object]]] = {c.name: [] for c in contenders}
+    errors: Dict[str, str] = {}
+    for rep in range(settings.repeat):
+        for c in contenders:
+            if c.name in errors:
+                continue
+            log(f"  {c.name}: run {rep + 1}/{settings.repeat}")
+            try:
+                if not c.alive():
+                    raise RuntimeError(f"the server exited{c.log_tail()}")
+                status, _, _ = probe.get(c.port, path, timeout=10.0)
+                if status != 200:
+                    raise RuntimeError(f"GET {path} answered {status}, not 200")
+                if warmup:
+                    wrk.run(c.url(path), warmup, settings.connections)
+                runs[c.name].append(_measured_run(c, path, settings, settings.duration))
+            except (wrk.WrkError, RuntimeError, OSError, http.client.HTTPException) as e:
+                errors[c.name] = str(e)
+    out = {}
+    for c in contenders:
+        if c.name in errors:
+            out[c.name] = _failed(errors[c.name])
+            continue
+        out[c.name] = _summarise(runs[c.name])
+    return out
+
+
+def _median(values: List[float]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _summarise(runs: List[Dict[str, object]]) -> Dict[str, object]:
+    """Medians with min-max over the counted runs of one contender."""
+    memory = runs[0]["memory"]
+    for r in runs[1:]:
+        memory.merge(r["memory"])
+    for r in runs:
+        r["memory"] = r["memory"].as_dict() if isinstance(r["memory"], Memory) else r["memory"]
+    rps = [r["rps"] for r in runs]
+    mbps = [r["transfer_bytes_per_s"] / 1e6 for r in runs]
+    summary = {
+        "status": "ok",
+        "rps": _median(rps),
+        "rps_min": min(rps),
+        "rps_max": max(rps),
+        "mb_per_s": _median(mbps),
+        "mb_per_s_min": min(mbps),
+        "mb_per_s_max": max(mbps),
+        "p50_ms": _median([r["latency_ms"].get("p50") for r in runs]),
+        "p99_ms": _median([r["latency_ms"].get("p99") for r in runs]),
+        "errors": sum(r["errors"] for r in runs),
+        "non_2xx_3xx": sum(r["non_2xx_3xx"] for r in runs),
+        "memory": memory.as_dict(),
+        "runs": runs,
+    }
+    if "cpu_share" in runs[-1]:
+        summary["cpu_share"] = runs[-1]["cpu_share"]
+        summary["connections"] = runs[-1]["connections"]
+    return summary
+
+
+def slow_client(contender: Contender, settings: Settings) -> Dict[str, object]:
+    """
+    A slow client reads the 100 MiB file through the contender; sample its peak RSS.
+
+    The client reads at most ``slow_read`` bytes every ``slow_pause`` seconds with a
+    256 KiB receive buffer, so a proxy that does not apply backpressure ends up holding the
+    body in memory. It stops at the end of the body or after ``slow_seconds``.
+
+    :param contender: a running contender.
+    :param settings: the read size, pause and time limit.
+    :return: bytes read, time, and the peak RSS per process.
+    """
+    before = Memory(contender)
+    before.sample()
+    memory = Memory(contender)
+    buf = bytearray(settings.slow_read)
+    got = 0
+    header = b""
+    expected = None
+    start = time.monotonic()
+    next_sample = start
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", contender.port))
+        s.sendall(
+            f"GET {PATH_100MIB} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        while time.monotonic() - start < settings.slow_seconds:
+            n = s.recv_into(buf)
+            if n == 0:
+                break
+            if expected is None:
+                header += bytes(buf[:n])
+                if b"\r\n\r\n" in header:
+                    head, _, rest = header.partition(b"\r\n\r\n")
+                    status = head.split(b"\r\n", 1)[0]
+                    if b" 200 " not in status + b" ":
+                        raise RuntimeError(f"slow client got {status.decode(errors='replace')}")
+                    expected = _content_length(head)
+                    got = len(rest)
+            else:
+                got += n
+            if expected is not None and got >= expected:
+                break
+            now = time.monotonic()
+            if now >= next_sample:
+                memory.sample()
+                next_sample = now + 0.05
+            time.sleep(settings.slow_pause)
+    memory.sample()
+    took = time.monotonic() - start
+    return {
+        "status": "ok",
+        "bytes": got,
+        "expected": expected,
+        "complete": expected is not None and got >= expected,
+        "seconds": round(took, 2),
+        "client_mib_per_s": round(got / took / 2**20, 2),
+        "rss_before": before.as_dict(),
+        "memory": memory.as_dict(),
+    }
+
+
+def _content_length(head: bytes) -> Optional[int]:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return None
+
+
+def roll(contender: Contender, settings: Settings) -> Dict[str, object]:
+    """
+    Send the contender's rolling-restart signal ``roll_count`` times during a wrk run.
+
+    The signals go to the process we started (bungate's master: SIGUSR2; nginx's master:
+    SIGHUP, what ``nginx -s reload`` sends), evenly spaced over the run.
+
+    :param contender: a running contender with a ``roll_signal``.
+    :param settings: run duration and signal count.
+    :return: wrk's figures, the signals sent and the distinct worker pids seen.
+    """
+    seconds = settings.roll_duration
+    n = settings.roll_count
+    at = [seconds * (i + 1) / (n + 1) for i in range(n)]
+    sent = []
+    seen = set(contender.worker_pids())
+    master = contender.root_pid
+
+    def tick(elapsed: float) -> None:
+        seen.update(contender.worker_pids())
+        while at and elapsed >= at[0]:
+            at.pop(0)
+            os.kill(master, contender.roll_signal)
+            sent.append(round(elapsed, 2))
+
+    proc = wrk.start(contender.url(PATH_SMALL), seconds, settings.connections)
+    try:
+        _during(proc, tick, 0.02)
+        result = wrk.finish(proc, timeout=seconds + 15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if len(sent) < n:
+        raise RuntimeError(f"only {len(sent)} of {n} signals were sent before wrk ended")
+    # Let the last roll finish before we count the fleet.
+    procs.wait_for(lambda: len(contender.worker_pids()) == contender.workers, timeout=5)
+    return {
+        "status": "ok",
+        "signal": contender.roll_label,
+        "signals_sent_at_s": sent,
+        "worker_pids_seen": len(seen),
+        "workers_after": len(contender.worker_pids()),
+        "master_alive": contender.alive(),
+        **result.as_dict(),
+    }
+
+
+def kill_worker(contender: Contender, settings: Settings) -> Dict[str, object]:
+    """
+    ``kill -9`` one worker a third into a wrk run; time its replacement.
+
+    "spawned" is when a new child with the worker's process title appears; "serving" is
+    when that new process holds a client connection: either one of our probe requests
+    (a fresh connection, checked through /proc/net/tcp while still open) or one of wrk's.
+
+    :param contender: a running multi-worker contender.
+    :param settings: run duration and how long to wait for the replacement.
+    :return: wrk's figures and the two delays in ms.
+    """
+    seconds = settings.kill_duration
+    state: Dict[str, object] = {"killed": None, "t0": None, "new": None}
+    times: Dict[str, Optional[float]] = {"spawned_ms": None, "serving_ms": None}
+    how = {"serving_seen_by": None}
+    old: set = set()
+
+    def tick(elapsed: float) -> None:
+        if state["killed"] is None:
+            if elapsed < seconds / 3:
+                return
+            old.update(contender.worker_pids())
+            victim = min(old)
+            os.kill(victim, signal.SIGKILL)
+            state["killed"], state["t0"] = victim, time.monotonic()
+            return
+        if times["serving_ms"] is not None:
+            return
+        since = (time.monotonic() - state["t0"]) * 1e3
+        if state["new"] is None:
+            new = sorted(set(contender.worker_pids()) - old)
+            if new:
+                state["new"] = new[0]
+                times["spawned_ms"] = round(since, 1)
+            return
+        pid = state["new"]
+        if procs.established_per_pid([pid], contender.port).get(pid):
+            times["serving_ms"] = round(since, 1)
+            how["serving_seen_by"] = "a load connection"
+            return
+        try:
+            _, _, server = probe.get(
+                contender.port,
+                PATH_SMALL,
+                timeout=1.0,
+                while_open=lambda cport: procs.server_of(cport, contender.port, [pid]),
+            )
+        except OSError:
+            return
+        if server == pid:
+            times["serving_ms"] = round((time.monotonic() - state["t0"]) * 1e3, 1)
+            how["serving_seen_by"] = "a probe request"
+
+    proc = wrk.start(contender.url(PATH_SMALL), seconds, settings.connections)
+    try:
+        _during(proc, tick, 0.005)
+        result = wrk.finish(proc, timeout=seconds + 15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if state["killed"] is None:
+        raise RuntimeError("wrk ended before a worker was killed")
+    # wrk ended: keep waiting for the replacement, up to the time limit.
+    deadline = state["t0"] + settings.kill_timeout
+    while times["serving_ms"] is None and time.monotonic() < deadline:
+        tick(seconds)
+        time.sleep(0.005)
+    if times["serving_ms"] is None:
+        what = "spawned" if times["spawned_ms"] is None else "serving"
+        raise RuntimeError(
+            f"no replacement worker {what} within {settings.kill_timeout:.0f} s of the kill"
+        )
+    return {
+        "status": "ok",
+        "killed_pid": state["killed"],
+        "new_pid": state["new"],
+        **times,
+        **how,
+        **result.as_dict(),
+    }
+
+
+__all__ = [
+    "PATH_1MIB",
+    "Memory",
+    "Settings",
+    "kill_worker",
+    "roll",
+    "slow_client",
+    "throughput",
+]
