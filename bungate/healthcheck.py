@@ -1,0 +1,181 @@
+"""
+Active health checks of a route's targets.
+
+Every ``interval`` seconds each target's ``url + path`` is probed; a target leaves
+rotation after ``unhealthy_threshold`` consecutive failed probes (wrong status, error,
+timeout) and comes back after ``healthy_threshold`` consecutive passes.
+
+Health checks run **in each worker**: every worker probes the targets of its own routes
+and keeps their state to itself. That needs no round-trip to the master and no shared
+state, and a worker that cannot reach a target (its own connection pool, its own network
+view) takes it out of its own rotation. The cost is (workers x targets) probes per
+interval, which is small next to real traffic; the workers may disagree for up to one
+interval about a target that just changed.
+
+The probe is injected (``request(url, timeout) -> Deferred[int]``); :func:`agent_probe`
+builds one on :class:`twisted.web.client.Agent`, tests pass fakes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from bungate.balancing import RouteBalancer, Upstream
+from bungate.config import HealthCheckConfig
+
+__all__ = ["HealthChecker", "Probe", "agent_probe"]
+
+#: ``request(url, timeout)`` → a Deferred firing the response status code.
+Probe = Callable[[str, float], "Deferred[int]"]
+
+_log = Logger(namespace="bungate.healthcheck")
+
+
+class HealthChecker:
+    """
+    Probes the targets of one route and marks them healthy or unhealthy.
+
+    :param balancer: the route's balancer; its upstreams are probed and marked with
+        :meth:`~bungate.balancing.RouteBalancer.set_healthy`.
+    :param config: the route's ``load_balancer.health_check`` section.
+    :param request: the probe: ``request(url, timeout)`` returns a Deferred firing the
+        status code; a failure counts as a failed probe.
+    :param clock: schedules the probes and their timeouts.
+    """
+
+    def __init__(
+        self,
+        balancer: RouteBalancer,
+        config: HealthCheckConfig,
+        request: Probe,
+        clock: IReactorTime,
+    ) -> None:
+        self.balancer = balancer
+        self.config = config
+        self._request = request
+        self._clock = clock
+        self._passes: dict[Upstream, int] = {}
+        self._fails: dict[Upstream, int] = {}
+        self._pending: dict[Upstream, Deferred[Any]] = {}
+        self._loop: Optional[LoopingCall] = None
+
+    def start(self) -> None:
+        """Probe every target now, then every ``interval`` seconds."""
+        if self._loop is not None:
+            return
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self._clock
+        self._loop.start(self.config.interval, now=True)
+
+    def stop(self) -> None:
+        """Stop probing; probes in flight are cancelled."""
+        if self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+        for d in list(self._pending.values()):
+            d.cancel()
+        self._pending.clear()
+
+    def check(self) -> None:
+        """Probe every target once (a target whose last probe is still out is skipped)."""
+        for upstream in self.balancer.upstreams:
+            if upstream not in self._pending:
+                self._probe(upstream)
+
+    def _probe(self, upstream: Upstream) -> None:
+        url = upstream.url + self.config.path
+        d: Deferred[Any] = maybeDeferred(self._request, url, self.config.timeout)
+        # The probe should time out by itself; this bounds a probe that does not.
+        d.addTimeout(self.config.timeout, self._clock)
+        self._pending[upstream] = d
+
+        def passed(status: int) -> None:
+            if status == self.config.expected_status:
+                self._record(upstream, True, "")
+            else:
+                self._record(
+                    upstream, False, f"status {status}, expected {self.config.expected_status}"
+                )
+
+        def failed(failure: Failure) -> None:
+            self._record(upstream, False, failure.getErrorMessage() or repr(failure.value))
+
+        def done(result: object) -> object:
+            if self._pending.get(upstream) is d:
+                del self._pending[upstream]
+            return result
+
+        d.addBoth(done)
+        d.addCallbacks(passed, failed)
+        d.addErrback(lambda f: _log.failure("health check bookkeeping failed", f))
+
+    def _record(self, upstream: Upstream, ok: bool, why: str) -> None:
+        if self._loop is None:
+            return  # stopped: a late answer changes nothing
+        if ok:
+            self._fails[upstream] = 0
+            self._passes[upstream] = self._passes.get(upstream, 0) + 1
+            if not upstream.healthy and self._passes[upstream] >= self.config.healthy_threshold:
+                self.balancer.set_healthy(upstream, True)
+        else:
+            self._passes[upstream] = 0
+            self._fails[upstream] = self._fails.get(upstream, 0) + 1
+            _log.debug("health check of {target} failed: {why}", target=upstream.url, why=why)
+            if upstream.healthy and self._fails[upstream] >= self.config.unhealthy_threshold:
+                self.balancer.set_healthy(upstream, False)
+
+
+class _Discard(Protocol):
+    """Reads a response body and throws it away; fires ``done`` at the end."""
+
+    def __init__(self, done: Deferred[None]) -> None:
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def agent_probe(agent: Any, reactor: IReactorTime) -> Probe:
+    """
+    A probe for :class:`HealthChecker` built on an Agent.
+
+    It sends ``GET url``, reads and discards the body (so the connection can be reused),
+    and fires the status code; the whole exchange is cancelled after ``timeout`` seconds.
+
+    :param agent: an :class:`~twisted.web.iweb.IAgent`, e.g. ``Agent(reactor, pool=pool)``.
+    :param reactor: schedules the timeout.
+    """
+
+    def request(url: str, timeout: float) -> Deferred[int]:
+        d: Deferred[Any] = agent.request(b"GET", url.encode("ascii"))
+
+        def got(response: Any) -> Deferred[int]:
+            protocol: Optional[_Discard] = None
+
+            def cancel(_: Deferred[None]) -> None:
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.stopProducing()
+
+            body: Deferred[None] = Deferred(cancel)
+            protocol = _Discard(body)
+            response.deliverBody(protocol)
+            return body.addCallback(lambda _: response.code)
+
+        d.addCallback(got)
+        d.addTimeout(timeout, reactor)
+        return d
+
+    return request
