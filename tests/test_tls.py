@@ -197,6 +197,39 @@ def test_tls11_client_refused_by_server(pair: tuple[str, str]) -> Iterator[Any]:
     assert caught.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", caught.value
 
 
+class _TLS11Only:
+    """An old-style context factory for a bare server that accepts TLS 1.1 only."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.context = SSL.Context(SSL.TLS_METHOD)
+        self.context.set_min_proto_version(SSL.TLS1_1_VERSION)
+        self.context.set_max_proto_version(SSL.TLS1_1_VERSION)
+        self.context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        self.context.use_certificate_chain_file(cert)
+        self.context.use_privatekey_file(key)
+
+    def getContext(self) -> SSL.Context:
+        return self.context
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls11_client_control(pair: tuple[str, str]) -> Iterator[Any]:
+    # Control for the refusal above: against a server that allows it, the same client
+    # really negotiates TLS 1.1 on this machine. (Our server refuses it both because of
+    # min_version and because it keeps OpenSSL's default security level, which alone
+    # already forbids TLS < 1.2 on OpenSSL 3.)
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    factory = TLSMemoryBIOFactory(_TLS11Only(*pair), False, Site(Hello()))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        info = yield in_thread(probe, port.getHost().port, tls11_only())
+    finally:
+        yield port.stopListening()
+    assert info["version"] == "TLSv1.1"
+    assert info["response"].endswith(b"hello /hi?x=1")
+
+
 @pytest_twisted.inlineCallbacks
 def test_min_version_tls13_refuses_tls12(ca: trustme.CA, pair: tuple[str, str]) -> Iterator[Any]:
     port = listen_tls(tls_config(*pair, min_version="TLSv1.3"))
