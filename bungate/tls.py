@@ -512,7 +512,11 @@ def _netloc(url: str) -> Optional[tuple[bytes, int]]:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         return None
-    return _normal_netloc(parts.hostname.encode("idna"), parts.port or 443)
+    try:
+        hostname = parts.hostname.encode("idna")
+    except UnicodeError:
+        hostname = parts.hostname.encode("utf-8")
+    return _normal_netloc(hostname, parts.port or 443)
 
 
 def _normal_netloc(hostname: bytes, port: int) -> tuple[bytes, int]:
