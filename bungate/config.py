@@ -349,9 +349,7 @@ class _Reader:
         value = self.raw(name)
         if value is None:
             return None
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, str) and v for v in value
-        ):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
             raise self.error(name, f"must be a list of strings, got {value!r}")
         return tuple(value)
 
@@ -613,7 +611,9 @@ def _route(source: str, index: int, item: object) -> RouteConfig:
     handler = r.raw("handler")
     if handler is not None and not callable(handler):
         if not isinstance(handler, str) or not _HANDLER.match(handler):
-            raise r.error("handler", f"must be an import string 'package.module:name', got {handler!r}")
+            raise r.error(
+                "handler", f"must be an import string 'package.module:name', got {handler!r}"
+            )
     methods = r.strings("methods")
     if methods is not None:
         methods = tuple(m.upper() for m in methods)
@@ -704,7 +704,9 @@ def with_overrides(config: GatewayConfig, **changes: Any) -> GatewayConfig:
 
     The raw mapping is updated too, so a worker rebuilt from it sees the same values.
     """
-    raw: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.raw.items()}
+    raw: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.raw.items()
+    }
     server, cluster = config.server, config.cluster
     if changes.get("port") is not None:
         server = attrs.evolve(server, port=changes["port"])

@@ -1,0 +1,70 @@
+"""
+Listening sockets: bound once by the master, adopted by every worker.
+
+All workers share one listening socket (one open file description). Twisted's
+``Port.doRead`` accepts up to ``numberAccepts`` connections per wake-up and grows that
+number under load, so on a shared socket whichever worker wakes first swallows a burst.
+:class:`BalancedPort` accepts one connection per wake-up, as nginx does, so every worker
+woken by the kernel gets its turn and the load spreads evenly.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IListeningPort
+
+__all__ = ["BalancedPort", "adopt_port", "bind_listener"]
+
+
+def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """
+    Bind and listen on ``host:port`` (IPv4 or IPv6), non-blocking, inheritable.
+
+    :raises OSError: with the OS's reason (address in use, permission denied, ...).
+    """
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+class BalancedPort(tcp.Port):
+    """A TCP port that accepts one connection per wake-up (fair on a shared socket)."""
+
+    def doRead(self) -> None:
+        """Accept a single connection."""
+        self.numberAccepts = 1
+        super().doRead()
+
+
+def adopt_port(reactor: Any, fd: int, factory: Any, balanced: bool = True) -> IListeningPort:
+    """
+    Serve ``factory`` on an inherited listening socket.
+
+    The descriptor is duplicated; the caller may close ``fd`` afterwards. Stopping the
+    port closes only this process's copy: the socket stays open for the others.
+    """
+    probe = socket.socket(fileno=fd)
+    try:
+        family = probe.family
+    finally:
+        probe.detach()
+    if not balanced or family not in (socket.AF_INET, socket.AF_INET6):
+        return reactor.adoptStreamPort(fd, family, factory)  # type: ignore[no-any-return]
+    port = BalancedPort._fromListeningDescriptor(reactor, fd, family, factory)
+    port.startListening()
+    return port  # type: ignore[no-any-return]

@@ -1,0 +1,491 @@
+"""
+The request path of a worker: route, then answer from a handler or proxy upstream.
+
+:class:`Dispatcher` is what :class:`bungate.web.GatewaySite` calls for every request.
+Proxying goes through one ``twisted.web.client.Agent`` with a persistent connection pool;
+the upstream body is relayed as it arrives, with the upstream connection registered as
+the producer of the client response so a slow client pauses the upstream read instead of
+growing a buffer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Mapping, Sequence
+from importlib import import_module
+from io import BytesIO
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client, http
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from bungate.config import GatewayConfig, RouteConfig
+from bungate.routing import Router
+from bungate.web import GatewayRequest, json_response
+
+__all__ = ["Dispatcher", "Response", "resolve_handler"]
+
+log = Logger(namespace="bungate.proxy")
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Not hop-by-hop, but the gateway sets them itself when it forwards a request.
+_REQUEST_SKIP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+@attrs.frozen
+class Response:
+    """
+    What a handler may return: a status, headers and a body.
+
+    A ``dict`` or ``list`` body is sent as JSON, ``str`` as UTF-8 text.
+    """
+
+    body: Any = b""
+    status: int = 200
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+
+def resolve_handler(spec: Any) -> Callable[..., Any]:
+    """
+    Turn a handler setting into a callable.
+
+    :param spec: a callable, or an import string ``package.module:attribute``.
+    :raises ValueError: when the module or attribute cannot be imported.
+    """
+    if callable(spec):
+        return spec  # type: ignore[no-any-return]
+    module_name, _, attr = str(spec).partition(":")
+    try:
+        obj: Any = import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"cannot import module {module_name!r}: {e}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """Sends an in-memory request body in one write (no cooperator round trips)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self._data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Relay(Protocol):
+    """Streams an upstream response body into the client's response."""
+
+    def __init__(self, request: GatewayRequest, done: Callable[[Optional[Failure]], None]) -> None:
+        self.request = request
+        self.done = done
+
+    def connectionMade(self) -> None:
+        request = self.request
+        if request._disconnected:
+            self.transport.stopProducing()
+            return
+        request.registerProducer(self.transport, True)
+        request.on_abort = self.transport.stopProducing
+
+    def dataReceived(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        request = self.request
+        request.on_abort = None
+        if request._disconnected:
+            return
+        request.unregisterProducer()
+        if reason.check(client.ResponseDone, http.PotentialDataLoss):
+            request.finish()
+            self.done(None)
+        else:
+            # The upstream broke mid-body: the status line is gone, so the only honest
+            # signal left is to cut the client connection.
+            self.done(reason)
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
+
+@attrs.define
+class _Route:
+    label: str
+    config: RouteConfig
+    methods: Optional[frozenset[bytes]]
+    allow: bytes
+    target: Optional[bytes] = None
+    handler: Optional[Callable[..., Any]] = None
+
+
+class Dispatcher:
+    """
+    Answers every request of a worker.
+
+    :param config: the validated gateway config.
+    :param reactor: the reactor (clock, connections).
+    :param status: a callable returning the worker's health summary (a dict); its
+        ``"status"`` is ``"draining"`` while the worker drains.
+    :param metrics: an object with ``request_started()``, ``request_finished(method,
+        route, status, duration)`` and ``upstream_error(route, kind)``, or ``None``.
+    :param metrics_resource: a twisted.web resource that renders ``/metrics``, or ``None``.
+    :param tls_policy: the ``IPolicyForHTTPS`` for https upstreams, or ``None``.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any,
+        status: Optional[Callable[[], dict[str, Any]]] = None,
+        metrics: Any = None,
+        metrics_resource: Any = None,
+        tls_policy: Any = None,
+        access_log: Optional[Callable[..., None]] = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.status = status or (lambda: {"status": "ok", "pid": os.getpid()})
+        self.metrics = metrics
+        self.metrics_resource = metrics_resource
+        self.access_log = access_log
+        self.pool = client.HTTPConnectionPool(reactor, persistent=True)
+        # The default keeps only 2 idle connections per upstream: every request beyond
+        # that would pay a fresh TCP connect.
+        self.pool.maxPersistentPerHost = 256
+        self.pool.cachedConnectionTimeout = 60
+        kwargs: dict[str, Any] = {"pool": self.pool}
+        if tls_policy is not None:
+            kwargs["contextFactory"] = tls_policy
+        self.agent = client.Agent(reactor, **kwargs)
+        self.router: Router[_Route] = Router()
+        self.health_path = config.health.path.encode() if config.health.enabled else None
+        self.metrics_path = (
+            config.metrics.path.encode()
+            if config.metrics.enabled and config.metrics.listen is None and metrics_resource
+            else None
+        )
+        for route in config.routes:
+            self.add(route)
+
+    # --- routes -----------------------------------------------------------------------
+
+    def add(self, route: RouteConfig) -> None:
+        """Add a validated route; resolves its handler now so errors show at start."""
+        methods = frozenset(m.encode() for m in route.methods) if route.methods else None
+        allow = b", ".join(sorted(methods)) if methods else b""
+        r = _Route(label=route.pattern, config=route, methods=methods, allow=allow)
+        if route.handler is not None:
+            r.handler = resolve_handler(route.handler)
+        elif route.target is not None:
+            r.target = route.target.encode("ascii")
+        self.router.add(route.pattern, r)
+
+    # --- the request path -------------------------------------------------------------
+
+    def __call__(self, request: GatewayRequest) -> None:
+        """Route one request and start answering it."""
+        path = request.path
+        if self.health_path is not None and path == self.health_path:
+            request.route = None
+            self._health(request)
+            return
+        if self.metrics_path is not None and path == self.metrics_path:
+            request.route = None
+            body = self.metrics_resource.render(request)
+            request.write(body)
+            request.finish()
+            return
+        incoming = request.requestHeaders.getRawHeaders(b"x-request-id")
+        rid = (
+            incoming[0]
+            if incoming and 0 < len(incoming[0]) <= 200
+            else os.urandom(8).hex().encode()
+        )
+        request.request_id = rid
+        request.responseHeaders.setRawHeaders(b"x-request-id", [rid])
+        if b"/." in path and _has_dot_segment(path):
+            json_response(request, 400, {"error": "bad_path", "request_id": rid.decode("latin-1")})
+            return
+        match = self.router.match(path.decode("latin-1"))
+        if match is None:
+            json_response(request, 404, {"error": "not_found", "request_id": rid.decode("latin-1")})
+            return
+        route = match.route
+        request.route = route.label
+        request.params = match.params
+        if self.metrics is not None:
+            self.metrics.request_started()
+        if route.methods is not None and request.method not in route.methods:
+            request.responseHeaders.setRawHeaders(b"allow", [route.allow])
+            json_response(
+                request,
+                405,
+                {"error": "method_not_allowed", "allow": route.allow.decode()},
+            )
+            return
+        if route.handler is not None:
+            self._call_handler(request, route)
+        else:
+            assert route.target is not None
+            self._proxy(request, route, route.target)
+
+    def on_done(self, request: GatewayRequest, completed: bool) -> None:
+        """Account for a finished (or abandoned) request: metrics and the access line."""
+        route = request.route
+        if route is None:
+            return
+        status = request.code if completed else 499
+        duration = self.clock.seconds() - request.started
+        if self.metrics is not None:
+            self.metrics.request_finished(
+                request.method.decode("ascii", "replace"), route, status, duration
+            )
+        if self.access_log is not None:
+            self.access_log(request, status, duration)
+
+    def _health(self, request: GatewayRequest) -> None:
+        status = self.status()
+        code = 503 if status.get("status") == "draining" else 200
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        json_response(request, code, status)
+
+    # --- handlers ---------------------------------------------------------------------
+
+    def _call_handler(self, request: GatewayRequest, route: _Route) -> None:
+        assert route.handler is not None
+        try:
+            result = route.handler(request)
+            if inspect.isawaitable(result):
+                result = defer.ensureDeferred(result)
+        except Exception:
+            request.processingFailed(Failure())
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(
+                lambda value: self._write_result(request, value), request.processingFailed
+            )
+        else:
+            self._write_result(request, result)
+
+    def _write_result(self, request: GatewayRequest, value: Any) -> None:
+        if request.finished or request._disconnected:
+            return
+        status, headers = 200, {}
+        if isinstance(value, Response):
+            status, headers, value = value.status, dict(value.headers), value.body
+        if value is None and request.startedWriting:
+            return  # the handler wrote the response itself and will finish it
+        if isinstance(value, (dict, list)):
+            body = json.dumps(value).encode("utf-8")
+            headers.setdefault("content-type", "application/json")
+        elif isinstance(value, str):
+            body = value.encode("utf-8")
+            headers.setdefault("content-type", "text/plain; charset=utf-8")
+        elif isinstance(value, (bytes, bytearray)):
+            body = bytes(value)
+            headers.setdefault("content-type", "application/octet-stream")
+        elif value is None:
+            body, status = b"", (204 if status == 200 else status)
+        else:
+            raise TypeError(f"a handler returned {type(value).__name__}, not a response")
+        request.setResponseCode(status)
+        for name, v in headers.items():
+            request.responseHeaders.setRawHeaders(name.encode("latin-1"), [v.encode("latin-1")])
+        if status not in _NO_BODY_STATUS:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            request.write(body)
+        request.finish()
+
+    # --- proxying ---------------------------------------------------------------------
+
+    def _proxy(self, request: GatewayRequest, route: _Route, target: bytes) -> None:
+        uri = request.uri
+        if not uri.startswith(b"/"):
+            # absolute-form request target: forward only its path and query
+            scheme_end = uri.find(b"://")
+            slash = uri.find(b"/", scheme_end + 3) if scheme_end >= 0 else -1
+            uri = uri[slash:] if slash >= 0 else b"/"
+        url = target + uri
+        request.upstream = target.decode("ascii")
+        headers = Headers()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lower = name.lower()
+            if lower not in _REQUEST_SKIP:
+                headers.setRawHeaders(name, values)
+        for token in request.requestHeaders.getRawHeaders(b"connection", ()):
+            for extra in token.split(b","):
+                headers.removeHeader(extra.strip())
+        client_ip = request.getClientAddress()
+        peer = getattr(client_ip, "host", None)
+        if peer is not None:
+            prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+            forwarded = (b", ".join(prior) + b", " if prior else b"") + peer.encode("ascii")
+            headers.setRawHeaders(b"x-forwarded-for", [forwarded])
+        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
+        host = request.requestHeaders.getRawHeaders(b"host")
+        if host:
+            headers.setRawHeaders(b"x-forwarded-host", [host[0]])
+        headers.setRawHeaders(b"x-request-id", [request.request_id])
+
+        body: Optional[IBodyProducer] = None
+        content = request.content
+        if content is not None:
+            if isinstance(content, BytesIO):
+                data = content.getvalue()
+                if (
+                    data
+                    or request.requestHeaders.hasHeader(b"content-length")
+                    or request.requestHeaders.hasHeader(b"transfer-encoding")
+                ):
+                    body = _BytesProducer(data)
+            else:
+                content.seek(0)
+                body = client.FileBodyProducer(content)
+
+        timed_out = [False]
+        d = self.agent.request(request.method, url, headers, body)
+
+        def on_timeout() -> None:
+            timed_out[0] = True
+            d.cancel()
+
+        timer = self.clock.callLater(route.config.timeout, on_timeout)
+        request.on_abort = d.cancel
+
+        def got_response(response: IResponse) -> None:
+            if timer.active():
+                timer.cancel()
+            request.on_abort = None
+            if request._disconnected:
+                response.deliverBody(_Discard())
+                return
+            request.setResponseCode(response.code, response.phrase)
+            out = request.responseHeaders
+            for name, values in response.headers.getAllRawHeaders():
+                if name.lower() not in HOP_BY_HOP:
+                    out.setRawHeaders(name, values)
+            for token in response.headers.getRawHeaders(b"connection", ()):
+                for extra in token.split(b","):
+                    out.removeHeader(extra.strip())
+            if (
+                response.length == 0
+                or request.method == b"HEAD"
+                or response.code in _NO_BODY_STATUS
+            ):
+                response.deliverBody(_Discard())
+                request.finish()
+                return
+            response.deliverBody(_Relay(request, lambda reason: None))
+
+        def failed(reason: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+            request.on_abort = None
+            if request._disconnected:
+                return  # the client left and we cancelled: nothing to answer, nothing to log
+            status, kind = _classify(reason, timed_out[0])
+            if self.metrics is not None:
+                self.metrics.upstream_error(route.label, kind)
+            log.warn(
+                "Upstream {kind} for {method} {uri} via {route} -> {upstream}: {error}",
+                kind=kind,
+                method=request.method.decode("ascii", "replace"),
+                uri=request.uri.decode("latin-1"),
+                route=route.label,
+                upstream=target.decode("ascii"),
+                error=reason.getErrorMessage(),
+                request_id=request.request_id.decode("latin-1"),
+            )
+            json_response(
+                request,
+                status,
+                {
+                    "error": "gateway_timeout" if status == 504 else "bad_gateway",
+                    "reason": kind,
+                    "request_id": request.request_id.decode("latin-1"),
+                },
+            )
+
+        d.addCallbacks(got_response, failed)
+        d.addErrback(request.processingFailed)
+
+
+class _Discard(Protocol):
+    """Reads and drops a body we do not relay (HEAD, 204, a client that left)."""
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        pass
+
+
+def _has_dot_segment(path: bytes) -> bool:
+    for segment in path.split(b"/"):
+        if segment in (b".", b".."):
+            return True
+    return False
+
+
+def _classify(reason: Failure, timed_out: bool) -> tuple[int, str]:
+    """Map an upstream failure to a status and a metrics ``kind`` label."""
+    if timed_out or reason.check(defer.TimeoutError, error.TimeoutError):
+        return 504, "timeout"
+    inner: Sequence[Failure] = getattr(reason.value, "reasons", None) or [reason]
+    for f in inner:
+        if f.check(error.ConnectionRefusedError):
+            return 502, "refused"
+        if f.check(error.DNSLookupError):
+            return 502, "dns"
+        if f.check(error.TimeoutError):
+            return 504, "timeout"
+    if reason.check(
+        client.ResponseNeverReceived,
+        client.RequestTransmissionFailed,
+        client.ResponseFailed,
+        error.ConnectionLost,
+        error.ConnectionDone,
+    ):
+        return 502, "reset"
+    return 502, "other"

@@ -1,0 +1,188 @@
+"""
+``twist bungate``: command-line options and the service that runs the gateway.
+
+The service is a thin wrapper: :class:`GatewayService` calls :meth:`Gateway.listen` on
+start and :meth:`Gateway.close` (which drains) on stop. ``twist`` begins logging after
+building the service, so :class:`Options` hands twist the observer for our
+``logger.format`` and ``logger.level`` unless ``--log-format`` / ``--log-level`` were
+given to ``twist`` itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import attrs
+from twisted.application.service import Service
+from twisted.logger import Logger, LogLevel
+from twisted.python import usage
+
+from bungate.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    GatewayConfig,
+    load_config,
+    parse_config,
+    with_overrides,
+)
+
+__all__ = ["GatewayService", "Options", "makeService"]
+
+log = Logger(namespace="bungate.tap")
+
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+_positive.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be 0..65535")
+    return number
+
+
+_port.coerceDoc = "0..65535; 0 picks a free port."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    """``twist bungate [--config FILE] [--port N] [--workers N] [--python EXE]``."""
+
+    synopsis = "[--config FILE] [--port PORT] [--workers N] [--python EXE]"
+    longdesc = (
+        "Run the bungate HTTP API gateway. Without --config a built-in default runs: "
+        "port 3000, cluster mode with one worker per CPU, GET /health and an /echo "
+        "route. Signals to the master: TERM/INT drain and stop, USR2 rolling restart, "
+        "HUP reload the config file, TTIN/TTOU add/remove a worker."
+    )
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (default: the built-in config)."],
+        ["port", "p", None, "Listen on this port (overrides server.port)", _port],
+        [
+            "workers",
+            "w",
+            None,
+            "Run this many workers (overrides cluster.workers; implies cluster mode)",
+            _positive,
+        ],
+        ["python", None, None, "Interpreter for the workers, e.g. pypy3 (cluster.python)."],
+    ]
+    optFlags = [
+        ["single", None, "Serve in this one process (cluster.enabled: false)."],
+        ["check", None, "Validate the configuration, print the result and exit."],
+    ]
+
+    def load(self) -> GatewayConfig:
+        """Read the configuration with the command-line overrides applied."""
+        path = self["config"]
+        config = load_config(path) if path else parse_config(DEFAULT_CONFIG, "<built-in default>")
+        config = with_overrides(
+            config, port=self["port"], workers=self["workers"], python=self["python"]
+        )
+        if self["single"]:
+            config = attrs.evolve(config, cluster=attrs.evolve(config.cluster, enabled=False))
+            config.raw.setdefault("cluster", {})["enabled"] = False  # type: ignore[index]
+        return config
+
+    def postOptions(self) -> None:
+        try:
+            self["gateway_config"] = self.load()
+            from bungate import observe
+
+            observe.check_startup(self["gateway_config"])
+        except ConfigError as e:
+            raise usage.UsageError(f"invalid configuration: {e}") from None
+        if self["check"]:
+            sys.stdout.write(f"configuration OK: {self['gateway_config'].source}\n")
+            raise SystemExit(0)
+        self._configure_twist_logging(self["gateway_config"])
+
+    def _configure_twist_logging(self, config: GatewayConfig) -> None:
+        parent: Optional[Any] = getattr(self, "parent", None)
+        if parent is None or not hasattr(parent, "__setitem__"):
+            return
+        argv = " ".join(sys.argv)
+        from bungate import observe
+        from bungate.logging import make_observer
+
+        observe.set_output(parent.get("logFile"))
+
+        if "--log-format" not in argv:
+            logger_config = config.logger
+            parent["fileLogObserverFactory"] = lambda stream: make_observer(
+                logger_config, None, stream
+            )
+        if "--log-level" not in argv:
+            parent["logLevel"] = _LEVELS[config.logger.level]
+
+
+class GatewayService(Service):
+    """Starts the gateway with the service and drains it when the service stops."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.gateway: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        from bungate.gateway import Gateway
+
+        super().startService()
+        path = (
+            self.config.source
+            if self.config.source.endswith((".yaml", ".yml", ".json"))
+            or "<" not in self.config.source
+            else None
+        )
+        loader = None
+        if path is not None:
+            overrides = {
+                "port": self.config.server.port,
+                "workers": self.config.cluster.workers
+                if "workers" in self.config.raw.get("cluster", {})
+                else None,
+                "python": self.config.cluster.python,
+            }
+
+            def loader() -> GatewayConfig:
+                return with_overrides(load_config(path), **overrides)
+
+        self.gateway = Gateway(self.config, config_loader=loader, manage_logging=False)
+        d = self.gateway.listen()
+
+        def failed(reason: Any) -> None:
+            log.critical("bungate cannot start: {error}", error=reason.getErrorMessage())
+            sys.stderr.write(f"bungate: cannot start: {reason.getErrorMessage()}\n")
+            reactor.stop()  # type: ignore[attr-defined]
+            GatewayService.exit_code = 1
+
+        d.addErrback(failed)
+
+    exit_code = 0
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.gateway is not None:
+            return self.gateway.close()
+        return None
+
+
+def makeService(options: Options) -> GatewayService:
+    """Build the service ``twist`` runs."""
+    return GatewayService(options["gateway_config"])
