@@ -342,7 +342,23 @@ class Dispatcher:
 
     # --- proxying ---------------------------------------------------------------------
 
-    def _proxy(self, request: GatewayRequest, route: _Route, target: bytes) -> None:
+    def _proxy(
+        self,
+        request: GatewayRequest,
+        route: _Route,
+        target: bytes,
+        on_result: Optional[Callable[[str, int], None]] = None,
+        on_failure: Optional[Callable[[Failure, str], bool]] = None,
+    ) -> None:
+        """
+        Forward ``request`` to ``target`` (a base URL) and relay the answer.
+
+        :param on_result: called once per attempt with ``(outcome, status)``; outcome is
+            ``ok`` (an upstream answered, whatever its status), ``client-gone``, or a
+            failure kind (``refused``, ``timeout``, ``reset``, ``dns``, ``other``).
+        :param on_failure: called with ``(failure, kind)`` before a 502/504 is written;
+            returning ``True`` means the caller took over (e.g. retried elsewhere).
+        """
         uri = request.uri
         if not uri.startswith(b"/"):
             # absolute-form request target: forward only its path and query
@@ -400,6 +416,8 @@ class Dispatcher:
             if timer.active():
                 timer.cancel()
             request.on_abort = None
+            if on_result is not None:
+                on_result("client-gone" if request._disconnected else "ok", response.code)
             if request._disconnected:
                 response.deliverBody(_Discard())
                 return
@@ -426,8 +444,14 @@ class Dispatcher:
                 timer.cancel()
             request.on_abort = None
             if request._disconnected:
+                if on_result is not None:
+                    on_result("client-gone", 499)
                 return  # the client left and we cancelled: nothing to answer, nothing to log
             status, kind = _classify(reason, timed_out[0])
+            if on_result is not None:
+                on_result(kind, status)
+            if on_failure is not None and on_failure(reason, kind):
+                return
             if self.metrics is not None:
                 self.metrics.upstream_error(route.label, kind)
             log.warn(

@@ -235,6 +235,11 @@ class ClusterManager:
                 raise ClusterError(
                     "no worker became ready; see the worker output above for the reason"
                 )
+            self.log.info(
+                "Fleet ready: {running} of {desired} worker(s) running",
+                running=sum(1 for r in results if r),
+                desired=self.desired,
+            )
 
         return defer.gatherResults([s.when_ready() for s in slots]).addCallback(check)
 

@@ -1,0 +1,406 @@
+"""
+Test helpers shipped with bungate, for our tests and for plugin authors' tests.
+
+- :class:`UpstreamServer`: a real HTTP upstream on 127.0.0.1 in the test's reactor,
+  with endpoints that misbehave on request (slow, huge, reset mid-body, ...).
+- :class:`GatewayProcess`: ``twist bungate`` in a real child process; tests wait for its
+  log lines (events), send it signals and find its workers.
+- :func:`wait_until`: poll a condition on the reactor with a bounded timeout.
+
+Everything waits on events with a deadline; nothing sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+from typing import Any, Callable, Optional
+
+import yaml
+from twisted.internet import defer, error, task
+from twisted.internet.protocol import ProcessProtocol
+from twisted.web import resource, server
+
+__all__ = ["GatewayProcess", "UpstreamServer", "find_workers", "wait_until"]
+
+
+def wait_until(
+    reactor: Any, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> defer.Deferred[Any]:
+    """Fire with the first true value of ``predicate()``; fail after ``timeout`` seconds."""
+    d: defer.Deferred[Any] = defer.Deferred()
+    deadline = reactor.seconds() + timeout
+
+    def check() -> None:
+        try:
+            value = predicate()
+        except Exception:
+            loop.stop()
+            d.errback()
+            return
+        if value:
+            loop.stop()
+            d.callback(value)
+        elif reactor.seconds() > deadline:
+            loop.stop()
+            d.errback(defer.TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}"))
+
+    loop = task.LoopingCall(check)
+    loop.clock = reactor
+    loop.start(interval, now=True)
+    return d
+
+
+# --- the upstream ---------------------------------------------------------------------
+
+
+class _Upstream(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, owner: UpstreamServer) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def render(self, request: server.Request) -> Any:
+        self.owner.requests.append(request)
+        path = request.path
+        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        if path.startswith(b"/status/"):
+            request.setResponseCode(int(path.split(b"/")[2]))
+            return b"" if request.code in (204, 304) else b"status body"
+        if path == b"/slow":
+            delay = float(args.get("delay", "1"))
+            call = self.owner.reactor.callLater(delay, self._finish, request, b"slow done")
+            request.notifyFinish().addErrback(lambda f: (call.cancel() if call.active() else None, self.owner.cancelled.append(request)))
+            return server.NOT_DONE_YET
+        if path == b"/big":
+            size = int(args.get("size", str(1024 * 1024)))
+            request.setHeader(b"content-length", b"%d" % size)
+            _stream(request, size, self.owner.reactor)
+            return server.NOT_DONE_YET
+        if path == b"/chunked":
+            request.write(b"part1-")
+            self.owner.reactor.callLater(0.01, self._finish, request, b"part2")
+            return server.NOT_DONE_YET
+        if path == b"/reset-mid-body":
+            request.setHeader(b"content-length", b"100000")
+            request.write(b"x" * 1000)
+            self.owner.reactor.callLater(0.01, request.channel.transport.abortConnection)
+            return server.NOT_DONE_YET
+        if path == b"/cookies":
+            request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1; Path=/", b"b=2; Path=/"])
+            request.setHeader(b"x-custom", b"kept")
+            request.setHeader(b"keep-alive", b"timeout=5")
+            request.setHeader(b"connection", b"x-drop-me")
+            request.setHeader(b"x-drop-me", b"hop")
+            return b"cookies"
+        if path == b"/redirect":
+            request.setResponseCode(302)
+            request.setHeader(b"location", b"/elsewhere")
+            return b""
+        if path == b"/gzip":
+            request.setHeader(b"content-encoding", b"gzip")
+            request.setHeader(b"content-type", b"application/octet-stream")
+            return b"\x1f\x8b\x08\x00fakegzipbytes"
+        body = request.content.read() if request.content is not None else b""
+        doc = {
+            "method": request.method.decode(),
+            "uri": request.uri.decode("latin-1"),
+            "headers": {
+                k.decode().lower(): [x.decode("latin-1") for x in v]
+                for k, v in request.requestHeaders.getAllRawHeaders()
+            },
+            "body": body.decode("latin-1"),
+            "body_len": len(body),
+            "server": self.owner.name,
+        }
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(doc).encode()
+
+    @staticmethod
+    def _finish(request: server.Request, body: bytes) -> None:
+        if not request._disconnected and not request.finished:
+            request.write(body)
+            request.finish()
+
+
+def _stream(request: server.Request, size: int, reactor: Any) -> None:
+    """Write ``size`` bytes honouring the client's backpressure."""
+    chunk = b"b" * 65536
+    state = {"left": size, "paused": False}
+
+    class Producer:
+        def resumeProducing(self) -> None:
+            state["paused"] = False
+            while state["left"] > 0 and not state["paused"] and not request._disconnected:
+                n = min(len(chunk), state["left"])
+                state["left"] -= n
+                request.write(chunk[:n])
+            if state["left"] <= 0 and not request._disconnected and not request.finished:
+                request.unregisterProducer()
+                request.finish()
+
+        def pauseProducing(self) -> None:
+            state["paused"] = True
+
+        def stopProducing(self) -> None:
+            state["left"] = 0
+
+    producer = Producer()
+    request.registerProducer(producer, True)
+    reactor.callLater(0, producer.resumeProducing)
+
+
+class UpstreamServer:
+    """
+    A real upstream HTTP server on 127.0.0.1, served by the test's reactor.
+
+    Endpoints: anything else echoes the request as JSON; ``/status/NNN``; ``/slow?delay=S``;
+    ``/big?size=N`` (streams with backpressure); ``/chunked``; ``/reset-mid-body``;
+    ``/cookies`` (repeated Set-Cookie, hop-by-hop headers to strip); ``/redirect``;
+    ``/gzip``.
+    """
+
+    def __init__(self, reactor: Any, name: str = "upstream") -> None:
+        self.reactor = reactor
+        self.name = name
+        self.requests: list[server.Request] = []
+        self.cancelled: list[server.Request] = []
+        self.port: Any = None
+
+    def start(self, port: int = 0) -> UpstreamServer:
+        """Listen (on ``port``, default any free one)."""
+        site = server.Site(_Upstream(self))
+        site.noisy = False
+        self.port = self.reactor.listenTCP(port, site, interface="127.0.0.1")
+        return self
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    def stop(self) -> defer.Deferred[Any]:
+        """Stop listening (connections already open stay)."""
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+# --- the gateway as a child process -----------------------------------------------------
+
+
+class _Collector(ProcessProtocol):
+    def __init__(self, owner: GatewayProcess) -> None:
+        self.owner = owner
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        self.owner.pid = self.transport.pid
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self.owner._line(line.decode("utf-8", "replace"))
+
+    def processExited(self, reason: Any) -> None:
+        self.owner.exit_code = getattr(reason.value, "exitCode", None)
+        self.owner.exit_signal = getattr(reason.value, "signal", None)
+
+    def processEnded(self, reason: Any) -> None:
+        if self.buffer:
+            self.owner._line(self.buffer.decode("utf-8", "replace"))
+        self.owner._ended()
+
+
+class GatewayProcess:
+    """
+    ``twist bungate`` as a real child process.
+
+    :param reactor: the test's reactor.
+    :param config: the config mapping (written to a temporary YAML file), or ``None``
+        for the built-in default.
+    :param args: extra ``twist bungate`` arguments.
+    :param python: the interpreter (default: this one).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Optional[dict[str, Any]] = None,
+        args: Optional[list[str]] = None,
+        python: Optional[str] = None,
+        env: Optional[dict[str, str]] = None,
+        twist_args: Optional[list[str]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.args = list(args or [])
+        self.twist_args = list(twist_args or ["--log-format", "text"])
+        self.python = python or sys.executable
+        self.env = env
+        self.lines: list[str] = []
+        self.pid: Optional[int] = None
+        self.exit_code: Optional[int] = None
+        self.exit_signal: Optional[int] = None
+        self.port: Optional[int] = None
+        self.config_path: Optional[str] = None
+        self._waiters: list[tuple[re.Pattern[str], int, defer.Deferred[re.Match[str]]]] = []
+        self._end: defer.Deferred[None] = defer.Deferred()
+        self.transport: Any = None
+
+    def write_config(self, config: dict[str, Any]) -> str:
+        """(Re)write the config file; returns its path."""
+        if self.config_path is None:
+            fd, self.config_path = tempfile.mkstemp(prefix="bungate-test-", suffix=".yaml")
+            os.close(fd)
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f)
+        return self.config_path
+
+    def start(self, timeout: float = 30.0) -> defer.Deferred[GatewayProcess]:
+        """Start and wait until the master listens and every initial worker is ready."""
+        argv = [self.python, "-m", "twisted", *self.twist_args, "bungate"]
+        if self.config is not None:
+            argv += ["--config", self.write_config(self.config)]
+        argv += self.args
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.transport = self.reactor.spawnProcess(_Collector(self), self.python, argv, env=env)
+        listening = self.wait_for(r"listening on [^ ]+:(\d+)", timeout=timeout)
+
+        def got_port(m: re.Match[str]) -> Any:
+            self.port = int(m.group(1))
+            return self.wait_for(r"Fleet ready|Gateway listening", timeout=timeout)
+
+        listening.addCallback(got_port)
+        listening.addCallback(lambda _: self)
+        return listening
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def _line(self, line: str) -> None:
+        self.lines.append(line)
+        index = len(self.lines) - 1
+        for item in list(self._waiters):
+            pattern, start, d = item
+            if index >= start:
+                m = pattern.search(line)
+                if m:
+                    self._waiters.remove(item)
+                    d.callback(m)
+
+    def mark(self) -> int:
+        """The current end of the output: pass to :meth:`wait_for` as ``since``."""
+        return len(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, since: int = 0) -> defer.Deferred[re.Match[str]]:
+        """Fire with the first output line (from line ``since`` on) matching ``pattern``."""
+        regex = re.compile(pattern)
+        for line in self.lines[since:]:
+            m = regex.search(line)
+            if m:
+                return defer.succeed(m)
+        d: defer.Deferred[re.Match[str]] = defer.Deferred()
+        item = (regex, since, d)
+        self._waiters.append(item)
+
+        def timed_out(failure: Any) -> Any:
+            if item in self._waiters:
+                self._waiters.remove(item)
+            if failure.check(defer.TimeoutError, defer.CancelledError):
+                tail = "\n".join(self.lines[-40:])
+                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output tail:\n{tail}")
+            return failure
+
+        d.addTimeout(timeout, self.reactor)
+        d.addErrback(timed_out)
+        return d
+
+    def count(self, pattern: str, since: int = 0) -> int:
+        """How many output lines (from ``since`` on) match ``pattern``."""
+        regex = re.compile(pattern)
+        return sum(1 for line in self.lines[since:] if regex.search(line))
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the master."""
+        assert self.pid is not None
+        os.kill(self.pid, sig)
+
+    def _ended(self) -> None:
+        if not self._end.called:
+            self._end.callback(None)
+
+    def wait_exit(self, timeout: float = 40.0) -> defer.Deferred[Optional[int]]:
+        """Fire with the master's exit code once it has exited."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._end.addBoth(lambda r: (d.callback(None) if not d.called else None, r)[1])
+        d.addTimeout(timeout, self.reactor)
+        return d.addCallback(lambda _: self.exit_code)
+
+    def workers(self) -> dict[int, int]:
+        """The master's live worker processes: ``{worker_id: pid}`` (from /proc)."""
+        assert self.pid is not None
+        return find_workers(self.pid)
+
+    def stop(self, timeout: float = 40.0) -> defer.Deferred[Any]:
+        """SIGTERM the master and wait for it; SIGKILL it (and its workers) on timeout."""
+        if self._end.called:
+            return defer.succeed(None)
+        workers = list(self.workers().values()) if self.pid else []
+        try:
+            self.signal(signal.SIGTERM)
+        except (ProcessLookupError, AssertionError):
+            return defer.succeed(None)
+        d = self.wait_exit(timeout)
+
+        def force(f: Any) -> None:
+            for pid in [self.pid, *workers]:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+                except (ProcessLookupError, TypeError):
+                    pass
+            raise AssertionError("the gateway did not stop on SIGTERM") from f.value
+
+        return d.addErrback(force)
+
+    def cleanup(self) -> None:
+        """Remove the temporary config file."""
+        if self.config_path and os.path.exists(self.config_path):
+            os.unlink(self.config_path)
+
+
+def find_workers(master_pid: int) -> dict[int, int]:
+    """``{worker_id: pid}`` for the live children of ``master_pid`` (Linux /proc)."""
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+            if ppid != master_pid:
+                continue
+            state = stat.rsplit(b")", 1)[1].split()[0]
+            if state == b"Z":
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(
+                    item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item
+                )
+        except (OSError, ValueError, IndexError):
+            continue
+        wid = env.get(b"CLUSTER_WORKER_ID")
+        if wid is not None:
+            found[int(wid)] = int(entry)
+    return found
+
+
+_ = error  # re-exported for tests that match connection errors
