@@ -67,7 +67,12 @@ class _Upstream(resource.Resource):
 
     def render(self, request: server.Request) -> Any:
         self.owner.requests.append(request)
-        path = request.path
+        # Endpoints match the last segment, so a gateway route like /api/* that forwards
+        # the whole path reaches them too.
+        full = request.path
+        path = b"/" + full.rsplit(b"/", 1)[-1]
+        if b"/status/" in full:
+            path = b"/status/" + path[1:]
         args = {k.decode(): v[0].decode() for k, v in request.args.items()}
         if path.startswith(b"/status/"):
             request.setResponseCode(int(path.split(b"/")[2]))

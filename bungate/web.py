@@ -195,11 +195,25 @@ class GatewayChannel(http.HTTPChannel):
         self.site.channel_closed(self)
 
     def checkPersistence(self, request: http.Request, version: bytes) -> bool:
-        """While draining, every response closes its connection."""
-        if self.site.draining:
+        """
+        Keep the connection open after this request?
+
+        Only HTTP/1.1 without a ``close`` token (Twisted's own check splits the header
+        on spaces, so ``Connection: close, X-Foo`` would wrongly stay open), and never
+        while draining.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        close = self.site.draining
+        if not close:
+            for value in request.requestHeaders.getRawHeaders(b"connection", ()):
+                if b"close" in (t.strip().lower() for t in value.split(b",")):
+                    close = True
+                    break
+        if close:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
-        return bool(super().checkPersistence(request, version))
+        return True
 
     def allHeadersReceived(self) -> None:
         """A request arrived: this connection is no longer idle."""
