@@ -426,9 +426,12 @@ class Dispatcher:
             for name, values in response.headers.getAllRawHeaders():
                 if name.lower() not in HOP_BY_HOP:
                     out.setRawHeaders(name, values)
-            for token in response.headers.getRawHeaders(b"connection", ()):
-                for extra in token.split(b","):
-                    out.removeHeader(extra.strip())
+            for token in _connection_tokens(response):
+                out.removeHeader(token)
+            # Twisted's client parser keeps Content-Length out of response.headers and
+            # reports it as response.length; pass it on so the client is not sent chunks.
+            if response.length is not client.UNKNOWN_LENGTH and request.method != b"HEAD":
+                out.setRawHeaders(b"content-length", [b"%d" % response.length])
             if (
                 response.length == 0
                 or request.method == b"HEAD"
@@ -483,6 +486,28 @@ class _Discard(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         pass
+
+
+def _connection_tokens(response: IResponse) -> list[bytes]:
+    """
+    The header names an upstream response lists in ``Connection`` (hop-by-hop).
+
+    Twisted's client parser files ``Connection`` under its connection headers, which
+    ``IResponse`` does not expose; read them from the parser when it is there.
+    """
+    proxy = getattr(response, "_transport", None)  # TransportProxyProducer
+    protocol = getattr(getattr(proxy, "_producer", None), "protocol", None)
+    protocol = getattr(protocol, "_wrappedProtocol", protocol)  # endpoints wrap it
+    parser = getattr(protocol, "_parser", None)
+    headers = getattr(parser, "connHeaders", None)
+    if headers is None:
+        return []
+    return [
+        t.strip()
+        for value in headers.getRawHeaders(b"connection", ())
+        for t in value.split(b",")
+        if t.strip()
+    ]
 
 
 def _has_dot_segment(path: bytes) -> bool:
