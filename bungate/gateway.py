@@ -49,7 +49,8 @@ class Gateway:
     :param config: a mapping in the YAML file's shape, or a :class:`GatewayConfig`.
     :param reactor: the reactor (defaults to the global one).
     :param worker_script: for cluster mode from a script, the script each worker runs
-        (default: this process's own script, ``sys.argv[0]``).
+        (default: this process's own script, ``sys.argv[0]``); ``""`` runs the built-in
+        worker, which serves this configuration.
     :param kwargs: top-level sections merged into ``config`` (``server=...``,
         ``cluster=...``, ``routes=...``).
     """
@@ -232,9 +233,9 @@ class Gateway:
         _set_title("bungate master")
         if self.manage_logging:
             observe.start_logging(self.config, None)
-        script = self.worker_script
+        script = self.worker_script or None
         args: list[str] = []
-        if script is None and sys.argv and sys.argv[0].endswith(".py"):
+        if self.worker_script is None and _is_user_script(sys.argv):
             script, args = os.path.abspath(sys.argv[0]), sys.argv[1:]
         manager = ClusterManager(
             self.config,
@@ -267,6 +268,8 @@ class Gateway:
             work: defer.Deferred[Any] = self.cluster.stop()
         else:
             self._draining = True
+            if self.dispatcher is not None:
+                self.dispatcher.close()
             stops = [defer.maybeDeferred(p.stopListening) for p in self.ports]
             self.ports = []
             work = defer.gatherResults(stops)
@@ -281,6 +284,15 @@ class Gateway:
         result: defer.Deferred[None] = defer.Deferred()
         closing.addBoth(lambda r: (result.callback(None), r)[1])
         return result
+
+
+def _is_user_script(argv: list[str]) -> bool:
+    """Whether this process runs a user's script (whose workers re-run it)."""
+    if not argv or not argv[0].endswith(".py"):
+        return False
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec is None or not str(getattr(spec, "name", "")).startswith("twisted")
 
 
 def run(gateway: Optional[Gateway] = None) -> None:

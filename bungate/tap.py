@@ -163,7 +163,9 @@ class GatewayService(Service):
             def loader() -> GatewayConfig:
                 return with_overrides(load_config(path), **overrides)
 
-        self.gateway = Gateway(self.config, config_loader=loader, manage_logging=False)
+        self.gateway = Gateway(
+            self.config, config_loader=loader, manage_logging=False, worker_script=""
+        )
         d = self.gateway.listen()
 
         def failed(reason: Any) -> None:

@@ -382,29 +382,28 @@ class GatewayProcess:
 
 
 def find_workers(master_pid: int) -> dict[int, int]:
-    """``{worker_id: pid}`` for the live children of ``master_pid`` (Linux /proc)."""
+    """
+    ``{worker_id: pid}`` for the live children of ``master_pid`` (Linux /proc).
+
+    Workers are recognised by their process title, ``bungate worker <id>`` (setproctitle
+    reuses the environment's memory, so /proc/PID/environ is no help).
+    """
     found: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(b")", 1)[1].split()[1])
-            if ppid != master_pid:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[1]) != master_pid or fields[0] == b"Z":
                 continue
-            state = stat.rsplit(b")", 1)[1].split()[0]
-            if state == b"Z":
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = dict(
-                    item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item
-                )
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().replace(b"\0", b" ").strip()
         except (OSError, ValueError, IndexError):
             continue
-        wid = env.get(b"CLUSTER_WORKER_ID")
-        if wid is not None:
-            found[int(wid)] = int(entry)
+        m = re.match(rb"bungate worker (\d+)$", title)
+        if m:
+            found[int(m.group(1))] = int(entry)
     return found
 
 
