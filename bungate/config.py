@@ -311,7 +311,7 @@ class _Reader:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(name, f"must be a whole number, got {value!r}")
-        return self._bounded(name, value, minimum, maximum)
+        return int(self._bounded(name, value, minimum, maximum))
 
     def number(
         self, name: str, default: float, minimum: float = 0.0, maximum: Optional[float] = None
@@ -368,10 +368,11 @@ class _Reader:
             raise self.error(unknown[0], f"unknown key (known keys here: {known})")
 
 
+_KINDS: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+
+
 def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 def _port(reader: _Reader, name: str, default: int) -> int:

@@ -23,6 +23,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from bungate._once import Once
 from bungate.cluster import child
 from bungate.config import GatewayConfig, parse_config, parse_route
 from bungate.proxy import Dispatcher
@@ -87,7 +88,7 @@ class Gateway:
         self.started_at = time.time()
         self._draining = False
         self._runtime: Optional[child.WorkerRuntime] = None
-        self._closing: Optional[defer.Deferred[None]] = None
+        self._closing: Optional[Once[None]] = None
 
     # --- routes -----------------------------------------------------------------------
 
@@ -260,10 +261,8 @@ class Gateway:
         close every connection. In a master, drain and stop the fleet.
         """
         if self._closing is not None:
-            d: defer.Deferred[None] = defer.Deferred()
-            self._closing.addBoth(lambda r: (d.callback(None), r)[1])
-            return d
-        self._closing = defer.Deferred()
+            return self._closing.wait()
+        closing = self._closing = Once()
         if self.cluster is not None:
             work: defer.Deferred[Any] = self.cluster.stop()
         else:
@@ -279,11 +278,8 @@ class Gateway:
             if self.dispatcher is not None:
                 pool = self.dispatcher.pool
                 work.addCallback(lambda _: pool.closeCachedConnections())
-        closing = self._closing
-        work.addBoth(lambda r: closing.callback(None))
-        result: defer.Deferred[None] = defer.Deferred()
-        closing.addBoth(lambda r: (result.callback(None), r)[1])
-        return result
+        work.addBoth(lambda _: closing.fire(None))
+        return closing.wait()
 
 
 def _is_user_script(argv: list[str]) -> bool:
@@ -301,7 +297,7 @@ def run(gateway: Optional[Gateway] = None) -> None:
 
     For plain scripts: ``gw = Gateway(...); gw.add_route(...); run(gw)``.
     """
-    reactor = gateway.reactor if gateway is not None else None
+    reactor: Any = gateway.reactor if gateway is not None else None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 

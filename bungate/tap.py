@@ -96,7 +96,9 @@ class Options(usage.Options):
         )
         if self["single"]:
             config = attrs.evolve(config, cluster=attrs.evolve(config.cluster, enabled=False))
-            config.raw.setdefault("cluster", {})["enabled"] = False  # type: ignore[index]
+            raw = dict(config.raw)
+            raw["cluster"] = {**raw.get("cluster", {}), "enabled": False}
+            config = attrs.evolve(config, raw=raw)
         return config
 
     def postOptions(self) -> None:
@@ -171,7 +173,7 @@ class GatewayService(Service):
         def failed(reason: Any) -> None:
             log.critical("bungate cannot start: {error}", error=reason.getErrorMessage())
             sys.stderr.write(f"bungate: cannot start: {reason.getErrorMessage()}\n")
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined,misc]
             GatewayService.exit_code = 1
 
         d.addErrback(failed)

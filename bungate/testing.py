@@ -25,6 +25,8 @@ from twisted.internet import defer, error, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.web import resource, server
 
+from bungate._once import Once
+
 __all__ = ["GatewayProcess", "UpstreamServer", "find_workers", "wait_until"]
 
 
@@ -80,7 +82,13 @@ class _Upstream(resource.Resource):
         if path == b"/slow":
             delay = float(args.get("delay", "1"))
             call = self.owner.reactor.callLater(delay, self._finish, request, b"slow done")
-            request.notifyFinish().addErrback(lambda f: (call.cancel() if call.active() else None, self.owner.cancelled.append(request)))
+
+            def gone(failure: Any) -> None:
+                if call.active():
+                    call.cancel()
+                self.owner.cancelled.append(request)
+
+            request.notifyFinish().addErrback(gone)
             return server.NOT_DONE_YET
         if path == b"/big":
             size = int(args.get("size", str(1024 * 1024)))
@@ -94,7 +102,8 @@ class _Upstream(resource.Resource):
         if path == b"/reset-mid-body":
             request.setHeader(b"content-length", b"100000")
             request.write(b"x" * 1000)
-            self.owner.reactor.callLater(0.01, request.channel.transport.abortConnection)
+            transport: Any = request.channel.transport
+            self.owner.reactor.callLater(0.01, transport.abortConnection)
             return server.NOT_DONE_YET
         if path == b"/cookies":
             request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1; Path=/", b"b=2; Path=/"])
@@ -203,7 +212,7 @@ class _Collector(ProcessProtocol):
         self.buffer = b""
 
     def connectionMade(self) -> None:
-        self.owner.pid = self.transport.pid
+        self.owner.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         self.buffer += data
@@ -254,7 +263,7 @@ class GatewayProcess:
         self.port: Optional[int] = None
         self.config_path: Optional[str] = None
         self._waiters: list[tuple[re.Pattern[str], int, defer.Deferred[re.Match[str]]]] = []
-        self._end: defer.Deferred[None] = defer.Deferred()
+        self._end: Once[None] = Once()
         self.transport: Any = None
 
     def write_config(self, config: dict[str, Any]) -> str:
@@ -281,9 +290,8 @@ class GatewayProcess:
             self.port = int(m.group(1))
             return self.wait_for(r"Fleet ready|Gateway listening", timeout=timeout)
 
-        listening.addCallback(got_port)
-        listening.addCallback(lambda _: self)
-        return listening
+        ready: defer.Deferred[Any] = listening.addCallback(got_port)
+        return ready.addCallback(lambda _: self)
 
     @property
     def url(self) -> str:
@@ -339,13 +347,11 @@ class GatewayProcess:
         os.kill(self.pid, sig)
 
     def _ended(self) -> None:
-        if not self._end.called:
-            self._end.callback(None)
+        self._end.fire(None)
 
     def wait_exit(self, timeout: float = 40.0) -> defer.Deferred[Optional[int]]:
         """Fire with the master's exit code once it has exited."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self._end.addBoth(lambda r: (d.callback(None) if not d.called else None, r)[1])
+        d = self._end.wait()
         d.addTimeout(timeout, self.reactor)
         return d.addCallback(lambda _: self.exit_code)
 
@@ -356,7 +362,7 @@ class GatewayProcess:
 
     def stop(self, timeout: float = 40.0) -> defer.Deferred[Any]:
         """SIGTERM the master and wait for it; SIGKILL it (and its workers) on timeout."""
-        if self._end.called:
+        if self._end.fired:
             return defer.succeed(None)
         workers = list(self.workers().values()) if self.pid else []
         try:

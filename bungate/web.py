@@ -24,11 +24,12 @@ import time
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
+
+from bungate._once import Once
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "json_response"]
 
@@ -93,7 +94,7 @@ class GatewayRequest(server.Request):
 
     def gotLength(self, length: Optional[int]) -> None:
         """Refuse to store a body whose announced length is over the limit."""
-        limit = self.channel.site.max_body_size
+        limit = self.channel.site.max_body_size  # type: ignore[attr-defined]
         if length is not None and length > limit:
             self.too_large = True
             length = 0
@@ -104,14 +105,14 @@ class GatewayRequest(server.Request):
         if self.too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body_size:
+        if self._received > self.channel.site.max_body_size:  # type: ignore[attr-defined]
             self.too_large = True
             return
-        self.content.write(data)
+        self.content.write(data)  # type: ignore[union-attr]
 
     def process(self) -> None:
         """Hand the request to the site's dispatcher (no resource traversal)."""
-        site: GatewaySite = self.channel.site
+        site: Any = self.channel.site  # type: ignore[attr-defined]
         self.site = site
         self.started = site.clock.seconds()
         headers = self.responseHeaders
@@ -146,7 +147,7 @@ class GatewayRequest(server.Request):
         """On the first write while draining, ask the client to close the connection."""
         if not self.startedWriting:
             channel = self.channel
-            if channel is not None and channel.site.draining:
+            if channel is not None and channel.site.draining:  # type: ignore[attr-defined]
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
                 channel.persistent = False
         super().write(data)
@@ -155,7 +156,7 @@ class GatewayRequest(server.Request):
         """Finish the response (a no-op for a client that has gone) and report it."""
         if self._disconnected or self.finished:
             return
-        site = self.site
+        site: Any = self.site
         super().finish()
         if not self._reported:
             self._reported = True
@@ -180,15 +181,15 @@ class GatewayRequest(server.Request):
 class GatewayChannel(http.HTTPChannel):
     """An HTTP/1.1 connection that its site can track and drain."""
 
-    site: GatewaySite
-    _idle_call: Optional[IDelayedCall] = None
+    site: Any  # the GatewaySite that built this channel
+    _idle_call: Any = None
 
     def connectionMade(self) -> None:
         """Register with the site."""
         super().connectionMade()
         self.site.channels.add(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         """Unregister; the site notices when the last connection of a drain is gone."""
         self._cancel_idle()
         super().connectionLost(reason)
@@ -235,8 +236,9 @@ class GatewayChannel(http.HTTPChannel):
 
     def _close_if_idle(self) -> None:
         self._idle_call = None
-        if not self.requests and self.transport is not None:
-            self.transport.loseConnection()
+        transport: Any = self.transport
+        if not self.requests and transport is not None:
+            transport.loseConnection()
 
     def _cancel_idle(self) -> None:
         call, self._idle_call = self._idle_call, None
@@ -257,14 +259,14 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
-    protocol = GatewayChannel
+    protocol = GatewayChannel  # type: ignore[assignment]
     displayTracebacks = False
     noisy = False
 
     def __init__(
         self,
         dispatch: Callable[[GatewayRequest], None],
-        clock: IReactorTime,
+        clock: Any,
         max_body_size: int = 10 * 1024 * 1024,
         on_done: Optional[Callable[[GatewayRequest, bool], None]] = None,
         idle_timeout: float = 75.0,
@@ -278,7 +280,7 @@ class GatewaySite(server.Site):
         self.idle_grace = idle_grace
         self.channels: set[GatewayChannel] = set()
         self.draining = False
-        self._drained: Optional[defer.Deferred[None]] = None
+        self._drained: Once[None] = Once()
 
     def log(self, request: http.Request) -> None:
         """Access logging is ours (``on_done``), not twisted.web's."""
@@ -294,34 +296,29 @@ class GatewaySite(server.Site):
         Call after the listening port has stopped. Fires once no connection is left, or
         after ``timeout`` seconds, when what is left is aborted.
         """
-        if self._drained is not None:
-            return self._wait()
+        if self.draining:
+            return self._drained.wait()
         self.draining = True
-        self._drained = defer.Deferred()
         for channel in list(self.channels):
             if not channel.requests:
                 channel.close_when_idle()
         deadline = self.clock.callLater(timeout, self._abort_all)
-        d = self._wait()
-        d.addBoth(lambda r: (deadline.cancel() if deadline.active() else None, r)[1])
-        self.channel_closed(None)
-        return d
+        d = self._drained.wait()
 
-    def _wait(self) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred()
-        assert self._drained is not None
-        if self._drained.called:
-            d.callback(None)
-        else:
-            self._drained.addBoth(lambda r: (d.callback(None), r)[1])
+        def cancel_deadline(result: None) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        d.addCallback(cancel_deadline)
+        self.channel_closed(None)
         return d
 
     def channel_closed(self, channel: Optional[GatewayChannel]) -> None:
         """Forget a closed connection; complete the drain when none is left."""
         if channel is not None:
             self.channels.discard(channel)
-        if self.draining and not self.channels and self._drained and not self._drained.called:
-            self._drained.callback(None)
+        if self.draining and not self.channels:
+            self._drained.fire(None)
 
     def _abort_all(self) -> None:
         left = list(self.channels)

@@ -249,4 +249,4 @@ def main(argv: Optional[list[str]] = None) -> None:
         os._exit(3)
 
     d.addErrback(failed)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined,misc]

@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from bungate._once import Once
 from bungate.cluster.process import WorkerProtocol, WorkerSlot, signal_number
 from bungate.cluster.sockets import bind_listener
 from bungate.config import ClusterConfig, ConfigError, GatewayConfig, parse_config
@@ -90,8 +91,9 @@ class _MasterControl(LineOnlyReceiver):
             self.sendLine(json.dumps(fields, separators=(",", ":")).encode())
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.loseConnection()
 
 
 def _as_gateway_config(config: Any) -> GatewayConfig:
@@ -163,7 +165,7 @@ class ClusterManager:
         self._handlers: dict[str, list[Callable[..., Any]]] = {}
         self._lock = defer.DeferredLock()
         self._monitor: Optional[task.LoopingCall] = None
-        self._stopping: Optional[defer.Deferred[None]] = None
+        self._stopping: Optional[Once[None]] = None
         self._roll_again = False
         self._rolling = False
         self._previous_signals: dict[int, Any] = {}
@@ -522,8 +524,12 @@ class ClusterManager:
         for slot in slots:
             slot.stop()
         d = defer.gatherResults([s.when_ended() for s in slots])
-        d.addCallback(lambda r: (self._prune(), r)[1])
-        return d
+
+        def pruned(result: Any) -> Any:
+            self._prune()
+            return result
+
+        return d.addCallback(pruned)
 
     def reload(self) -> defer.Deferred[bool]:
         """
@@ -609,17 +615,14 @@ class ClusterManager:
         the listeners. Safe to call more than once.
         """
         if self._stopping is not None:
-            d: defer.Deferred[None] = defer.Deferred()
-            self._stopping.addBoth(lambda r: (d.callback(None), r)[1])
-            return d
-        self._stopping = defer.Deferred()
+            return self._stopping.wait()
+        stopping = self._stopping = Once()
         if self._monitor is not None and self._monitor.running:
             self._monitor.stop()
         slots = list(self.slots.values())
         self.log.info("Stopping {count} worker(s)", count=sum(1 for s in slots if s.alive))
         for slot in slots:
             slot.stop()
-        waiting = defer.gatherResults([s.when_ended() for s in slots])
 
         def closed(_: Any) -> None:
             for sock in self.listeners.values():
@@ -628,10 +631,7 @@ class ClusterManager:
             self.restore_signal_handlers()
             self._prune()
             self.log.info("All workers stopped")
-            assert self._stopping is not None
-            self._stopping.callback(None)
+            stopping.fire(None)
 
-        waiting.addCallback(closed)
-        result: defer.Deferred[None] = defer.Deferred()
-        self._stopping.addBoth(lambda r: (result.callback(None), r)[1])
-        return result
+        defer.gatherResults([s.when_ended() for s in slots]).addCallback(closed)
+        return stopping.wait()

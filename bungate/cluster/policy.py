@@ -97,7 +97,7 @@ class RestartPolicy:
             return 0.0
         delay = min(self.max_delay, self.base_delay * (2 ** (self._streak - 1)))
         delay += delay * self.jitter * self.rng.random()
-        return min(self.max_delay, delay)
+        return float(min(self.max_delay, delay))
 
     def recovered(self) -> None:
         """The worker has been running for a while: the next failure starts a new streak."""

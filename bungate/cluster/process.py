@@ -24,7 +24,6 @@ from typing import Any, Callable, Optional
 
 from automat import MethodicalMachine
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -102,7 +101,7 @@ class WorkerSlot:
         self,
         worker_id: int,
         config: ClusterConfig,
-        clock: IReactorTime,
+        clock: Any,
         spawner: Callable[[WorkerSlot], Any],
         emit: Emit,
         policy: Optional[RestartPolicy] = None,
@@ -129,7 +128,7 @@ class WorkerSlot:
         self.failure_reason = ""
         self._stop_requested = False
         self._kill_reason: Optional[str] = None
-        self._timer: Optional[IDelayedCall] = None
+        self._timer: Any = None
         self._ready_waiters: list[defer.Deferred[bool]] = []
         self._end_waiters: list[defer.Deferred[str]] = []
 
@@ -446,7 +445,7 @@ class WorkerProtocol(ProcessProtocol):
         self.on_exit: Optional[Callable[[], None]] = None
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
+        self.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._buffers.get(childFD, b"") + data
