@@ -407,7 +407,7 @@ def find_workers(master_pid: int) -> dict[int, int]:
                 title = f.read().replace(b"\0", b" ").strip()
         except (OSError, ValueError, IndexError):
             continue
-        m = re.match(rb"bungate worker (\d+)$", title)
+        m = re.search(rb"bungate worker (\d+)$", title)
         if m:
             found[int(m.group(1))] = int(entry)
     return found

@@ -321,7 +321,9 @@ class ClusterManager:
         if self.worker_script is not None:
             args = [self._python, self.worker_script, *self.script_args]
         else:
-            args = [self._python, "-m", "bungate.cluster"]
+            # The title is also an argument, so `pgrep -f "bungate worker"` finds workers
+            # where setproctitle cannot rewrite the command line (PyPy).
+            args = [self._python, "-m", "bungate.cluster", f"bungate worker {slot.id}"]
         protocol = WorkerProtocol(slot, self._line)
         try:
             transport = self.reactor.spawnProcess(
