@@ -170,7 +170,7 @@ class Contender:
         if not self.workers:
             return [self.root_pid]
         kids = procs.children(self.root_pid)
-        titled = [p for p in kids if procs.cmdline(p).startswith(self.worker_title or "\0")]
+        titled = [p for p in kids if self.worker_title and self.worker_title in procs.cmdline(p)]
         return titled or kids
 
     def url(self, path: str = PATH_SMALL) -> str:

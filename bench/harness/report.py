@@ -53,7 +53,7 @@ def _ms(value: Optional[float]) -> str:
 
 def _label(title: str, index: int) -> str:
     """A short name for a process: M (master), w1 (bungate worker 1), w (nginx worker)."""
-    m = re.match(r"bungate worker (\S+)", title)
+    m = re.search(r"bungate worker (\S+)", title)
     if m:
         return f"w{m.group(1)}"
     if title.startswith(("bungate master", "nginx: master")):
@@ -145,4 +145,82 @@ def table(scenario: str, results: Dict[str, Dict[str, object]], connections: int
     ]
     for name, r in results.items():
         lines.append("| " + " | ".join(_cell(c) for c in _row(scenario, name, r)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ok(results: Dict[str, Dict[str, Dict[str, object]]], scenario: str, name: str):
+    r = results.get(scenario, {}).get(name)
+    return r if r and r["status"] == "ok" else None
+
+
+def _ratio(a: Optional[Dict[str, object]], b: Optional[Dict[str, object]]) -> str:
+    if not (a and b and b["rps"]):
+        return "-"
+    return f"{a['rps'] / b['rps']:.2f}x"
+
+
+def goals(results: Dict[str, Dict[str, Dict[str, object]]]) -> str:
+    """
+    The issue's goals as ratios from this run (reported, never asserted).
+
+    :param results: ``{scenario: {contender: result}}``.
+    :return: a markdown table, or ``""`` when no figure is available.
+    """
+    get = {n: _ok(results, "get", n) for n in ("bungate-1w", "bungate-2w", "bungate-2w-pypy")}
+    stock = _ok(results, "get", "twisted-stock")
+    rows = [
+        ("req/s bungate-1w / twisted-stock", _ratio(get["bungate-1w"], stock), ">= 1.5x (2x)"),
+        ("req/s bungate-2w / bungate-1w", _ratio(get["bungate-2w"], get["bungate-1w"]), ">= 1.6x"),
+    ]
+    share = (get["bungate-2w"] or {}).get("cpu_share") or {}
+    values = [v for v in share.values() if v is not None]
+    off = max(abs(v * len(values) - 1) for v in values) if values else None
+    rows.append(
+        (
+            "bungate-2w worst worker share off an even split (CPU time)",
+            "-" if off is None else f"{off * 100:.0f}%",
+            "<= 20%",
+        )
+    )
+    rows.append(
+        (
+            "req/s bungate-2w-pypy / bungate-2w",
+            _ratio(get["bungate-2w-pypy"], get["bungate-2w"]),
+            ">= 2.5x",
+        )
+    )
+    roll = _ok(results, "roll", "bungate-2w")
+    rows.append(
+        (
+            "errors through rolling restarts, bungate-2w",
+            "-" if roll is None else f"{roll['errors']} ({len(roll['signals_sent_at_s'])} rolls)",
+            "0 (8 rolls)",
+        )
+    )
+    kill = _ok(results, "kill", "bungate-2w")
+    rows.append(
+        (
+            "kill -9: replacement serving after, bungate-2w",
+            "-" if kill is None else f"{_ms(kill['serving_ms'])} ms",
+            "<= 1000 ms",
+        )
+    )
+    slow = _ok(results, "slow", "bungate-2w")
+    peak = max((p["kib"] for p in slow["memory"]["per_process"]), default=None) if slow else None
+    rows.append(
+        (
+            "slow client: peak RSS of one process, bungate-2w",
+            "-" if peak is None else f"{peak / 1024:.0f} MiB",
+            "< 100 MiB",
+        )
+    )
+    if all(measured == "-" for _, measured, _ in rows):
+        return ""
+    lines = [
+        "### Goals (issue 5), from this run",
+        "",
+        "| goal | measured | target |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {g} | {m} | {t} |" for g, m, t in rows]
     return "\n".join(lines) + "\n"
