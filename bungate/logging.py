@@ -66,8 +66,14 @@ ACCESS_FORMAT = (
     "route={route} upstream={upstream} id={request_id}"
 )
 
-# Keys an event cannot override in the JSON output.
+# Keys an event cannot override in the JSON output: an event's own value is written
+# under the name in _RENAMED, or with an "event_" prefix.
 _RESERVED = frozenset({"timestamp", "level", "namespace", "message", "pid"})
+_RENAMED = {"pid": "worker_pid"}
+# Keys of events logged through the legacy ``twisted.python.log`` API (namespace
+# ``log_legacy``): "time" repeats the timestamp, "message" is the raw argument tuple the
+# formatted message already shows, the others carry nothing an operator filters on.
+_LEGACY = frozenset({"time", "isError", "system", "format", "message", "why", "failure"})
 _SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}\Z")
 
 _access_log = Logger(namespace=ACCESS_NAMESPACE)
@@ -154,9 +160,19 @@ class _LineObserver:
 
     def _json_line(self, event: LogEvent) -> str:
         record: dict[str, Any] = {}
+        legacy = event.get("log_namespace") == "log_legacy"
         for key, value in event.items():
-            if not isinstance(key, str) or key.startswith("log_") or key in _RESERVED:
+            if not isinstance(key, str) or key.startswith("log_"):
                 continue
+            if legacy and key in _LEGACY:
+                continue
+            if key in _RESERVED:
+                # An event's own value of a reserved name is kept under another name
+                # (the master's lifecycle events carry the worker's pid); a pid equal
+                # to the writer's adds nothing.
+                if key == "pid" and value == self._pid:
+                    continue
+                key = _RENAMED.get(key, "event_" + key)
             record[key] = _plain(value)
         record["timestamp"] = _timestamp(event)
         record["level"] = _level_name(event)
@@ -165,6 +181,8 @@ class _LineObserver:
         # event names a worker (lifecycle events carry worker_id).
         if self._worker_id is not None or "worker_id" not in record:
             record["worker_id"] = self._worker_id
+        elif record["worker_id"] is not None:
+            record["worker_id"] = str(record["worker_id"])
         record["pid"] = self._pid
         record["message"] = formatEvent(event)
         tb = _traceback(event)
@@ -204,13 +222,17 @@ def make_observer(
     Build the observer :func:`start_logging` installs, without touching global state.
 
     :param config: the ``logger`` section: ``level`` filters, ``format`` picks text or JSON.
-    :param worker_id: this worker's id (``CLUSTER_WORKER_ID``), or ``None`` in the master
-        and in single-process mode (tagged ``[master]``).
+    :param worker_id: this worker's id, or ``None`` to take it from the environment: a
+        process started by a master as a worker (``CLUSTER_WORKER=true``) uses its
+        ``CLUSTER_WORKER_ID``; the master and a single process have none (tagged
+        ``[master]``). This matters when ``twist`` builds the observer for a worker.
     :param stream: where lines go; ``sys.stdout`` (looked up at call time) by default.
     :return: an observer that filters by level and writes one flushed line per event.
     """
     if stream is None:
         stream = sys.stdout
+    if worker_id is None and os.environ.get("CLUSTER_WORKER") == "true":
+        worker_id = os.environ.get("CLUSTER_WORKER_ID") or None
     predicate = LogLevelFilterPredicate(defaultLogLevel=_level(config.level))
     lines = _LineObserver(stream, worker_id, json_format=config.format == "json")
     observer = FilteringLogObserver(

@@ -96,6 +96,10 @@ UPSTREAM_ERROR_KINDS = frozenset({"refused", "timeout", "reset", "other"})
 WORKER_STATES = ("starting", "running", "stopping", "stopped", "respawning", "failed")
 """States always present in ``bungate_workers_total`` (0 when no worker is in them)."""
 
+# A slot is "idle" for the instant between its creation and its first spawn: report
+# it as starting rather than as a state of its own.
+_STATE_ALIASES = {"idle": "starting"}
+
 # Label values must stay bounded: any method outside this set is counted as OTHER.
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
@@ -320,7 +324,7 @@ class MasterMetrics:
         )
         self._restarts = Counter(
             "bungate_workers_restarts_total",
-            "Workers started again after an exit (respawns and rolling restarts).",
+            "Workers respawned in their slot after an unexpected exit.",
             registry=reg,
         )
         self._crashed = Counter(
@@ -337,11 +341,16 @@ class MasterMetrics:
         Publish how many workers are in each state.
 
         :param counts: state name → number of workers; every state seen before (and every
-            state in :data:`WORKER_STATES`) that is missing here is set to 0.
+            state in :data:`WORKER_STATES`) that is missing here is set to 0. ``idle`` (a
+            slot not spawned yet) is counted as ``starting``.
         """
-        for state in self._states.difference(counts):
-            self._workers.labels(state).set(0)
+        merged: dict[str, int] = {}
         for state, count in counts.items():
+            state = _STATE_ALIASES.get(state, state)
+            merged[state] = merged.get(state, 0) + count
+        for state in self._states.difference(merged):
+            self._workers.labels(state).set(0)
+        for state, count in merged.items():
             self._states.add(state)
             self._workers.labels(state).set(count)
 

@@ -30,8 +30,16 @@ _output: list[Any] = [None]
 
 
 def set_output(stream: Any) -> None:
-    """Where this process's log lines go (``twist``'s log file, or stdout)."""
+    """
+    Where this process's log lines go: ``twist``'s log file.
+
+    Only ``twist`` (:mod:`bungate.tap`) calls this, and ``twist`` begins logging itself,
+    with the observer the tap chose, after the service has started. From then on
+    :func:`start_logging` does nothing in this process, or every event would be written
+    twice (by our observer and by twist's).
+    """
     _output[0] = stream
+    _logging_started[0] = True
 
 
 def write_line(line: str) -> None:
@@ -49,14 +57,14 @@ def start_logging(config: GatewayConfig, worker_id: Optional[str]) -> None:
     Send twisted.logger events to stdout in the configured format and level.
 
     Skipped when something else (``twist``'s runner, a test harness) already began
-    logging, so lines are never written twice.
+    logging or will begin it (see :func:`set_output`), so lines are never written twice.
     """
     from bungate.logging import start_logging as begin
 
     if _logging_started[0] or getattr(globalLogBeginner, "_temporaryObserver", True) is None:
         return
     _logging_started[0] = True
-    set_output(sys.__stdout__)
+    _output[0] = sys.__stdout__
     begin(config.logger, worker_id, sys.__stdout__)
 
 
@@ -94,7 +102,7 @@ def for_worker(
             log_access(
                 alog,
                 method=request.method,
-                path=request.path,
+                path=request.uri,  # as received, with the query string
                 status=status,
                 duration=duration,
                 bytes_sent=request.sentLength,
