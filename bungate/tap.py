@@ -10,6 +10,7 @@ given to ``twist`` itself.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional
 
@@ -173,12 +174,15 @@ class GatewayService(Service):
         def failed(reason: Any) -> None:
             log.critical("bungate cannot start: {error}", error=reason.getErrorMessage())
             sys.stderr.write(f"bungate: cannot start: {reason.getErrorMessage()}\n")
-            reactor.stop()  # type: ignore[attr-defined,misc]
-            GatewayService.exit_code = 1
+            # twist starts the service before the reactor runs: stopping must wait for it.
+            # After shutdown, exit non-zero so a supervisor sees the failure.
+            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[attr-defined]
+            if reactor.running:  # type: ignore[attr-defined]
+                reactor.stop()  # type: ignore[attr-defined]
+            else:
+                reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
 
         d.addErrback(failed)
-
-    exit_code = 0
 
     def stopService(self) -> Any:
         super().stopService()

@@ -247,27 +247,31 @@ class ClusterManager:
 
     def _bind(self) -> None:
         server = self.config.server
-        if "main" not in self.listeners:
-            try:
-                sock = bind_listener(server.host, server.port, server.backlog)
-            except OSError as e:
-                raise OSError(
-                    f"cannot listen on {server.host}:{server.port}: {e.strerror or e}"
-                ) from None
-            self.listeners["main"] = sock
-            self.address = sock.getsockname()[:2]
-            self.log.info(
-                "Master (pid {pid}) listening on {host}:{port}",
-                pid=os.getpid(),
-                host=self.address[0],
-                port=self.address[1],
-            )
+        wanted: list[tuple[str, str, str, int]] = [("main", "server.port", server.host, server.port)]
         redirect = server.tls.redirect_http if server.tls.enabled else None
-        if redirect is not None and "redirect" not in self.listeners:
-            self.listeners["redirect"] = bind_listener(server.host, redirect.port, server.backlog)
+        if redirect is not None:
+            wanted.append(("redirect", "server.tls.redirect_http.port", server.host, redirect.port))
         listen = self.config.metrics.listen if self.config.metrics.enabled else None
-        if listen is not None and "metrics" not in self.listeners:
-            self.listeners["metrics"] = bind_listener(listen[0], listen[1], server.backlog)
+        if listen is not None:
+            wanted.append(("metrics", "metrics.listen", listen[0], listen[1]))
+        for name, key, host, port in wanted:
+            if name in self.listeners:
+                continue
+            try:
+                self.listeners[name] = bind_listener(host, port, server.backlog)
+            except OSError as e:
+                for sock in self.listeners.values():
+                    sock.close()
+                self.listeners.clear()
+                raise OSError(f"cannot listen on {host}:{port} ({key}): {e.strerror or e}") from None
+        main = self.listeners["main"]
+        self.address = main.getsockname()[:2]
+        self.log.info(
+            "Master (pid {pid}) listening on {host}:{port}",
+            pid=os.getpid(),
+            host=self.address[0],
+            port=self.address[1],
+        )
 
     def _resolve_python(self, python: Optional[str]) -> str:
         if not python:

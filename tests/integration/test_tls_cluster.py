@@ -355,12 +355,6 @@ def test_respawn_after_refused_reload_keeps_old_certificate(
     assert {i["serial"] for i in infos} == {serial_of(leaf)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a busy redirect_http.port: ClusterManager._bind raises a bare OSError that "
-    "names no address, and GatewayService.startService's errback calls reactor.stop() "
-    "before the reactor runs (ReactorNotRunning is swallowed), so the master never exits",
-)
 @pytest_twisted.inlineCallbacks
 def test_busy_redirect_port_fails_fast(
     reactor: Any, upstream: Any, gateways: Any, ca: trustme.CA, tmp_path: Path
