@@ -54,6 +54,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 __all__ = [
+    "CIRCUIT_STATES",
     "DURATION_BUCKETS",
     "ENV_VAR",
     "UPSTREAM_ERROR_KINDS",
@@ -92,6 +93,9 @@ DURATION_BUCKETS = (
 
 UPSTREAM_ERROR_KINDS = frozenset({"refused", "timeout", "reset", "other"})
 """The values of the ``kind`` label; anything else is counted as ``other``."""
+
+CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+"""The values of ``bungate_circuit_state`` for each breaker state."""
 
 WORKER_STATES = ("starting", "running", "stopping", "stopped", "respawning", "failed")
 """States always present in ``bungate_workers_total`` (0 when no worker is in them)."""
@@ -213,6 +217,7 @@ class GatewayMetrics:
         self._requests_children: dict[tuple[str, str, int], Any] = {}
         self._duration_children: dict[str, Any] = {}
         self._error_children: dict[tuple[str, str], Any] = {}
+        self._target_children: dict[tuple[str, str], Any] = {}
         if not enabled:
             return
         path = _sync_value_class()
@@ -243,6 +248,35 @@ class GatewayMetrics:
             "Requests being handled right now, summed over live workers.",
             registry=reg,
             multiprocess_mode="livesum",
+        )
+        # Load-balanced routes. Each worker keeps its own view of its targets (health
+        # checks and breakers run per worker), so the fleet-wide gauges merge the live
+        # workers' views pessimistically: a target reads healthy only when every live
+        # worker has it in rotation (livemin), and its circuit reads as the worst state any
+        # live worker has (livemax: open beats half-open beats closed). "live" drops the
+        # values of workers that exited, so a dead worker's stale view never sticks.
+        self._upstream_requests = Counter(
+            "bungate_upstream_requests_total",
+            "Requests sent to a target of a load-balanced route (every attempt, retries "
+            "included), by route pattern and target URL.",
+            ("route", "target"),
+            registry=reg,
+        )
+        self._upstream_healthy = Gauge(
+            "bungate_upstream_healthy",
+            "1 when every live worker has the target in rotation (active health checks), "
+            "else 0.",
+            ("route", "target"),
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self._circuit_state = Gauge(
+            "bungate_circuit_state",
+            "Circuit breaker of a target: 0 closed, 1 half-open, 2 open; the worst state "
+            "among live workers.",
+            ("route", "target"),
+            registry=reg,
+            multiprocess_mode="livemax",
         )
 
     def request_started(self) -> None:
@@ -293,6 +327,44 @@ class GatewayMetrics:
         if child is None:
             child = self._error_children[key] = self._upstream_errors.labels(route, kind)
         child.inc()
+
+
+    def upstream_request(self, route: str, target: str) -> None:
+        """
+        Count one attempt sent to a target of a load-balanced route.
+
+        :param route: the route pattern.
+        :param target: the target's base URL, as configured.
+        """
+        if not self.enabled:
+            return
+        key = (route, target)
+        child = self._target_children.get(key)
+        if child is None:
+            child = self._target_children[key] = self._upstream_requests.labels(route, target)
+        child.inc()
+
+    def upstream_healthy(self, route: str, target: str, healthy: bool) -> None:
+        """
+        Publish whether a target is in this worker's rotation.
+
+        :param route: the route pattern.
+        :param target: the target's base URL.
+        :param healthy: false while active health checks keep it out of rotation.
+        """
+        if self.enabled:
+            self._upstream_healthy.labels(route, target).set(1 if healthy else 0)
+
+    def circuit_state(self, route: str, target: str, state: str) -> None:
+        """
+        Publish the state of a target's circuit breaker in this worker.
+
+        :param route: the route pattern.
+        :param target: the target's base URL.
+        :param state: ``closed``, ``half-open`` or ``open`` (see :data:`CIRCUIT_STATES`).
+        """
+        if self.enabled:
+            self._circuit_state.labels(route, target).set(CIRCUIT_STATES.get(state, 0))
 
 
 # --- master side ------------------------------------------------------------------------

@@ -172,6 +172,7 @@ def check_startup(config: GatewayConfig, manager: Any = None) -> None:
     Everything the master checks before it spawns a worker: certificates, CA files,
     handler imports and plugin names. Raises :class:`~bungate.config.ConfigError`.
     """
+    from bungate.balanced import check_plugins
     from bungate.config import ConfigError
     from bungate.proxy import resolve_handler
     from bungate.tls import check_tls, check_upstream_tls
@@ -184,5 +185,6 @@ def check_startup(config: GatewayConfig, manager: Any = None) -> None:
                 resolve_handler(route.handler)
             except ValueError as e:
                 raise ConfigError(config.source, f"routes[{i}].handler", str(e)) from None
+    check_plugins(config)
     if manager is not None:
         manager.validate_config = check_startup

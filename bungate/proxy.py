@@ -20,16 +20,25 @@ from typing import Any, Callable, Optional
 
 import attrs
 from twisted.internet import defer, error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client, http
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from bungate.config import GatewayConfig, RouteConfig
+from bungate.extensions import run_request_middlewares, run_response_middlewares
+from bungate.interfaces import Middleware, UpstreamRequest
 from bungate.routing import Router
 from bungate.web import GatewayRequest, json_response
 
@@ -159,6 +168,13 @@ class _Route:
     allow: bytes
     target: Optional[bytes] = None
     handler: Optional[Callable[..., Any]] = None
+    #: the runtime of a ``load_balancer`` route (a :class:`bungate.balanced.BalancedRoute`).
+    balanced: Any = None
+    #: the route's own middlewares (run after the gateway-wide ones), in order.
+    middlewares: Sequence[Middleware] = ()
+    #: gateway-wide then route middlewares, for ``process_response``; ``None`` when empty,
+    #: which keeps the request path free of middleware work.
+    chain: Optional[Sequence[Middleware]] = None
 
 
 class Dispatcher:
@@ -197,10 +213,9 @@ class Dispatcher:
         # that would pay a fresh TCP connect.
         self.pool.maxPersistentPerHost = 256
         self.pool.cachedConnectionTimeout = 60
-        kwargs: dict[str, Any] = {"pool": self.pool}
-        if tls_policy is not None:
-            kwargs["contextFactory"] = tls_policy
-        self.agent = client.Agent(reactor, **kwargs)
+        self.agent = client.Agent.usingEndpointFactory(
+            reactor, _UpstreamEndpoints(reactor, tls_policy), pool=self.pool
+        )
         self.router: Router[_Route] = Router()
         self.health_path = config.health.path.encode() if config.health.enabled else None
         self.metrics_path = (
@@ -208,21 +223,72 @@ class Dispatcher:
             if config.metrics.enabled and config.metrics.listen is None and metrics_resource
             else None
         )
+        from bungate.balanced import make_middlewares
+
+        #: the gateway-wide middlewares (``middlewares:`` at the top level), in order.
+        self.middlewares: list[Middleware] = make_middlewares(
+            config.source, "middlewares", config.middlewares
+        )
+        #: the runtime of every load-balanced route
+        #: (:class:`~bungate.balanced.BalancedRoute`), in the order they were added.
+        self.balanced: list[Any] = []
+        self._closed = False
         for route in config.routes:
             self.add(route)
 
     # --- routes -----------------------------------------------------------------------
 
     def add(self, route: RouteConfig) -> None:
-        """Add a validated route; resolves its handler now so errors show at start."""
+        """
+        Add a validated route; resolves its handler, strategy and middlewares now so
+        errors show at start.
+
+        A ``load_balancer`` route gets a :class:`~bungate.balanced.BalancedRoute`; its
+        health checks start once the reactor runs (at once if it already does).
+
+        :raises ConfigError: for an unknown strategy or middleware name.
+        """
+        from bungate.balanced import BalancedRoute, make_middlewares
+
         methods = frozenset(m.encode() for m in route.methods) if route.methods else None
         allow = b", ".join(sorted(methods)) if methods else b""
         r = _Route(label=route.pattern, config=route, methods=methods, allow=allow)
+        index = self._route_index(route)
+        r.middlewares = make_middlewares(
+            self.config.source, f"routes[{index}].middlewares", route.middlewares
+        )
+        if self.middlewares or r.middlewares:
+            r.chain = (*self.middlewares, *r.middlewares)
         if route.handler is not None:
             r.handler = resolve_handler(route.handler)
         elif route.target is not None:
             r.target = route.target.encode("ascii")
+        elif route.load_balancer is not None:
+            balanced = BalancedRoute(self, route, key=f"routes[{index}]")
+            r.balanced = balanced
+            self.balanced.append(balanced)
+            if balanced.checker is not None and not self._closed:
+                self.reactor.callWhenRunning(self._start_checks, balanced)
         self.router.add(route.pattern, r)
+
+    def _route_index(self, route: RouteConfig) -> int:
+        for i, known in enumerate(self.config.routes):
+            if known is route:
+                return i
+        return len(self.config.routes)
+
+    def _start_checks(self, balanced: Any) -> None:
+        if not self._closed:
+            balanced.start()
+
+    def close(self) -> None:
+        """
+        Stop the background work of this dispatcher (active health checks). Call it when
+        the worker starts to drain; requests still in flight are not affected.
+        """
+        self._closed = True
+        for balanced in self.balanced:
+            balanced.stop()
 
     # --- the request path -------------------------------------------------------------
 
@@ -252,6 +318,9 @@ class Dispatcher:
             return
         match = self.router.match(path.decode("latin-1"))
         if match is None:
+            if self.middlewares:
+                self._with_middlewares(request, None)
+                return
             json_response(request, 404, {"error": "not_found", "request_id": rid.decode("latin-1")})
             return
         route = match.route
@@ -259,19 +328,100 @@ class Dispatcher:
         request.params = match.params
         if self.metrics is not None:
             self.metrics.request_started()
+        if route.chain is not None:
+            self._with_middlewares(request, route)
+            return
         if route.methods is not None and request.method not in route.methods:
-            request.responseHeaders.setRawHeaders(b"allow", [route.allow])
-            json_response(
-                request,
-                405,
-                {"error": "method_not_allowed", "allow": route.allow.decode()},
-            )
+            self._not_allowed(request, route)
             return
         if route.handler is not None:
             self._call_handler(request, route)
+        elif route.balanced is not None:
+            route.balanced.handle(request, route, None)
         else:
             assert route.target is not None
             self._proxy(request, route, route.target)
+
+    def _not_allowed(self, request: GatewayRequest, route: _Route) -> None:
+        request.responseHeaders.setRawHeaders(b"allow", [route.allow])
+        json_response(
+            request,
+            405,
+            {"error": "method_not_allowed", "allow": route.allow.decode()},
+        )
+
+    # --- middlewares ------------------------------------------------------------------
+
+    def _with_middlewares(self, request: GatewayRequest, route: Optional[_Route]) -> None:
+        """
+        The request path when middlewares are configured: the gateway-wide ones, then
+        (unless they answered) 404/405, the route's ones, then the handler or the proxy.
+
+        :param route: the matched route, or ``None`` (answered 404 after the gateway-wide
+            middlewares let it through).
+        """
+        upstream = UpstreamRequest(
+            request.method, _origin_form(request.uri), request.requestHeaders.copy()
+        )
+
+        def after_global(answered: bool) -> Any:
+            if answered or request._disconnected or request.finished:
+                return None
+            if route is None:
+                json_response(
+                    request,
+                    404,
+                    {"error": "not_found", "request_id": request.request_id.decode("latin-1")},
+                )
+                return None
+            if route.methods is not None and request.method not in route.methods:
+                self._not_allowed(request, route)
+                return None
+            if not route.middlewares:
+                return after_route(False)
+            d = run_request_middlewares(route.middlewares, request, upstream)
+            request.on_abort = d.cancel
+            return d.addCallback(after_route)
+
+        def after_route(answered: bool) -> None:
+            request.on_abort = None
+            if answered or request._disconnected or request.finished:
+                return
+            assert route is not None
+            if route.handler is not None:
+                self._call_handler(request, route)
+            elif route.balanced is not None:
+                route.balanced.handle(request, route, upstream)
+            else:
+                assert route.target is not None
+                self._proxy(request, route, route.target, upstream=upstream)
+
+        def failed(reason: Failure) -> None:
+            request.on_abort = None
+            if request._disconnected:
+                return  # the client left and we cancelled the middleware
+            log.failure(
+                "A middleware failed on {method} {uri}",
+                reason,
+                method=request.method.decode("ascii", "replace"),
+                uri=request.uri.decode("latin-1"),
+                request_id=request.request_id.decode("latin-1"),
+            )
+            json_response(
+                request,
+                500,
+                {"error": "middleware_error", "request_id": request.request_id.decode("latin-1")},
+            )
+
+        if self.middlewares:
+            d = run_request_middlewares(self.middlewares, request, upstream)
+            if not d.called:
+                request.on_abort = d.cancel
+            d.addCallback(after_global)
+        else:
+            d = defer.maybeDeferred(after_global, False)
+        d.addErrback(failed)
+        d.addErrback(request.processingFailed)
 
     def on_done(self, request: GatewayRequest, completed: bool) -> None:
         """Account for a finished (or abandoned) request: metrics and the access line."""
@@ -349,40 +499,56 @@ class Dispatcher:
         target: bytes,
         on_result: Optional[Callable[[str, int], None]] = None,
         on_failure: Optional[Callable[[Failure, str], bool]] = None,
+        upstream: Optional[UpstreamRequest] = None,
+        timeout: Optional[float] = None,
     ) -> None:
         """
         Forward ``request`` to ``target`` (a base URL) and relay the answer.
+
+        Safe to call again for the same request from ``on_failure`` (a retry): the
+        request headers and body are rebuilt for every attempt.
 
         :param on_result: called once per attempt with ``(outcome, status)``; outcome is
             ``ok`` (an upstream answered, whatever its status), ``client-gone``, or a
             failure kind (``refused``, ``timeout``, ``reset``, ``dns``, ``other``).
         :param on_failure: called with ``(failure, kind)`` before a 502/504 is written;
             returning ``True`` means the caller took over (e.g. retried elsewhere).
+        :param upstream: the method, path and headers to send, as request middlewares
+            left them; ``None`` sends the incoming request's. Its hop-by-hop headers are
+            dropped here, after the middlewares ran.
+        :param timeout: seconds to wait for the response headers; the route's
+            ``timeout`` when ``None``.
         """
-        uri = request.uri
-        if not uri.startswith(b"/"):
-            # absolute-form request target: forward only its path and query
-            scheme_end = uri.find(b"://")
-            slash = uri.find(b"/", scheme_end + 3) if scheme_end >= 0 else -1
-            uri = uri[slash:] if slash >= 0 else b"/"
+        if upstream is None:
+            method = request.method
+            uri = request.uri
+            if not uri.startswith(b"/"):
+                uri = _origin_form(uri)  # absolute-form: forward only the path and query
+            source = request.requestHeaders
+            chain = None
+        else:
+            method = upstream.method
+            uri = upstream.path
+            source = upstream.headers
+            chain = route.chain
         url = target + uri
         request.upstream = target.decode("ascii")
         headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
+        for name, values in source.getAllRawHeaders():
             lower = name.lower()
             if lower not in _REQUEST_SKIP:
                 headers.setRawHeaders(name, values)
-        for token in request.requestHeaders.getRawHeaders(b"connection", ()):
+        for token in source.getRawHeaders(b"connection", ()):
             for extra in token.split(b","):
                 headers.removeHeader(extra.strip())
         client_ip = request.getClientAddress()
         peer = getattr(client_ip, "host", None)
         if peer is not None:
-            prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+            prior = source.getRawHeaders(b"x-forwarded-for")
             forwarded = (b", ".join(prior) + b", " if prior else b"") + peer.encode("ascii")
             headers.setRawHeaders(b"x-forwarded-for", [forwarded])
         headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-        host = request.requestHeaders.getRawHeaders(b"host")
+        host = source.getRawHeaders(b"host")
         if host:
             headers.setRawHeaders(b"x-forwarded-host", [host[0]])
         headers.setRawHeaders(b"x-request-id", [request.request_id])
@@ -403,13 +569,15 @@ class Dispatcher:
                 body = client.FileBodyProducer(content)
 
         timed_out = [False]
-        d = self.agent.request(request.method, url, headers, body)
+        d = self.agent.request(method, url, headers, body)
 
         def on_timeout() -> None:
             timed_out[0] = True
             d.cancel()
 
-        timer = self.clock.callLater(route.config.timeout, on_timeout)
+        timer = self.clock.callLater(
+            route.config.timeout if timeout is None else timeout, on_timeout
+        )
         request.on_abort = d.cancel
 
         def got_response(response: IResponse) -> None:
@@ -432,6 +600,26 @@ class Dispatcher:
             # reports it as response.length; pass it on so the client is not sent chunks.
             if response.length is not client.UNKNOWN_LENGTH and request.method != b"HEAD":
                 out.setRawHeaders(b"content-length", [b"%d" % response.length])
+            if chain is not None:
+                try:
+                    run_response_middlewares(chain, request, response.code, out)
+                except Exception:
+                    response.deliverBody(_Discard())  # type: ignore[no-untyped-call, call-arg]
+                    log.failure(
+                        "A middleware failed on the response to {method} {uri}",
+                        method=request.method.decode("ascii", "replace"),
+                        uri=request.uri.decode("latin-1"),
+                        request_id=request.request_id.decode("latin-1"),
+                    )
+                    json_response(
+                        request,
+                        500,
+                        {
+                            "error": "middleware_error",
+                            "request_id": request.request_id.decode("latin-1"),
+                        },
+                    )
+                    return
             if (
                 response.length == 0
                 or request.method == b"HEAD"
@@ -481,6 +669,52 @@ class Dispatcher:
         d.addErrback(request.processingFailed)
 
 
+@implementer(IAgentEndpointFactory)
+class _UpstreamEndpoints:
+    """
+    Where the proxy's Agent connects: like Twisted's standard endpoint factory, except
+    that an IP-literal host gets a plain TCP endpoint.
+
+    ``HostnameEndpoint`` only reports a refused connection when its next attempt is due
+    (``attemptDelay``, 0.3 s), even for a single address; a load-balanced route that
+    retries elsewhere on ``refused`` would pay that on every request to a dead target.
+
+    :param reactor: connects.
+    :param tls_policy: the ``IPolicyForHTTPS`` for https upstreams (Twisted's browser-like
+        policy when ``None``).
+    """
+
+    def __init__(self, reactor: Any, tls_policy: Any = None) -> None:
+        self._reactor = reactor
+        self._policy = tls_policy if tls_policy is not None else client.BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: client.URI) -> Any:
+        """
+        The endpoint to reach ``uri``'s host and port.
+
+        :param uri: the request URI.
+        :raises SchemeNotSupported: for anything but http and https.
+        """
+        if uri.scheme not in (b"http", b"https"):
+            raise client.SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"the host of {uri.toBytes()!r} is not ASCII") from None
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        endpoint: Any
+        if isIPAddress(literal):
+            endpoint = TCP4ClientEndpoint(self._reactor, literal, uri.port)
+        elif isIPv6Address(literal):
+            endpoint = TCP6ClientEndpoint(self._reactor, literal, uri.port)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port)
+        if uri.scheme == b"https":
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            return wrapClientTLS(creator, endpoint)
+        return endpoint
+
+
 class _Discard(Protocol):
     """Reads and drops a body we do not relay (HEAD, 204, a client that left)."""
 
@@ -508,6 +742,15 @@ def _connection_tokens(response: IResponse) -> list[bytes]:
         for t in value.split(b",")
         if t.strip()
     ]
+
+
+def _origin_form(uri: bytes) -> bytes:
+    """The path and query of a request target (an absolute-form one loses its origin)."""
+    if uri.startswith(b"/"):
+        return uri
+    scheme_end = uri.find(b"://")
+    slash = uri.find(b"/", scheme_end + 3) if scheme_end >= 0 else -1
+    return uri[slash:] if slash >= 0 else b"/"
 
 
 def _has_dot_segment(path: bytes) -> bool:
