@@ -1,0 +1,570 @@
+"""
+A lean keep-alive HTTP/1.1 client for talking to upstreams.
+
+Why not ``twisted.web.client.Agent``: measured on the proxy path (2 cores, wrk -c50,
+nginx upstream), Agent costs about six times what our server side costs per request —
+it parses the URL, builds an endpoint, copies and re-validates headers, and wraps every
+exchange in request/response objects, transport proxies and Deferred chains. A gateway
+needs much less: write the request head it already has, parse one response head, relay
+the body with backpressure, and put the connection back. This module does only that,
+the way nginx's proxy module does:
+
+- the request head is serialized once, straight from the client's headers;
+- the response head is parsed in one pass; the body is framed by ``Content-Length``,
+  ``chunked`` or connection close, and handed to a :class:`Sink` as it arrives, with the
+  upstream transport available as a push producer for backpressure;
+- idle connections are pooled per upstream (one sweep timer closes stale ones, instead
+  of a timer per connection); an idempotent request whose *reused* connection turns out
+  to be closed before any byte of answer is retried once on a new connection, because
+  an upstream may close an idle keep-alive connection at any moment.
+
+Connections are made with Twisted endpoints (``HostnameEndpoint``, wrapped in TLS for
+``https://`` with the given ``IPolicyForHTTPS``), built once per upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Protocol as TypingProtocol
+
+from twisted.internet import defer, error, task
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+
+__all__ = ["Exchange", "Sink", "UpstreamClient", "UpstreamError", "UpstreamReset"]
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_MAX_HEAD = 64 * 1024
+_NO_BODY = frozenset({204, 304})
+
+
+class UpstreamError(Exception):
+    """The upstream broke the protocol (bad status line, oversized head, bad chunk)."""
+
+
+class UpstreamReset(Exception):
+    """The upstream closed or reset the connection before the answer was complete."""
+
+
+class Sink(TypingProtocol):
+    """Where an exchange delivers the upstream's answer."""
+
+    def upstream_head(
+        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: Optional[int], producer: Any
+    ) -> None:
+        """The status line and headers; ``length`` is the body length if known."""
+
+    def upstream_data(self, data: bytes) -> None:
+        """A piece of the body (already de-chunked)."""
+
+    def upstream_done(self) -> None:
+        """The body is complete."""
+
+    def upstream_failed(self, reason: Failure, head_sent: bool) -> None:
+        """The exchange failed; ``head_sent`` says whether ``upstream_head`` was called."""
+
+
+class _Target:
+    """One upstream base URL, parsed once."""
+
+    __slots__ = ("endpoint", "host_header", "idle", "key", "prefix")
+
+    def __init__(self, reactor: Any, base: bytes, tls_policy: Any) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base.decode("ascii"))
+        secure = parts.scheme == "https"
+        host = parts.hostname or ""
+        port = parts.port or (443 if secure else 80)
+        default = 443 if secure else 80
+        netloc = host if port == default else f"{host}:{port}"
+        if ":" in host and port == default:
+            netloc = f"[{host}]"
+        elif ":" in host:
+            netloc = f"[{host}]:{port}"
+        self.host_header = netloc.encode("ascii")
+        self.prefix = parts.path.rstrip("/").encode("ascii")
+        self.key = base
+        endpoint: Any = HostnameEndpoint(reactor, host.encode("idna") if host else b"", port)
+        if secure:
+            if tls_policy is None:
+                from twisted.web.client import BrowserLikePolicyForHTTPS
+
+                tls_policy = BrowserLikePolicyForHTTPS()
+            endpoint = wrapClientTLS(tls_policy.creatorForNetloc(host.encode("idna"), port), endpoint)
+        self.endpoint = endpoint
+        self.idle: list[_Connection] = []
+
+
+class _Connection(Protocol):
+    """One upstream connection: sends a request head, parses the answer."""
+
+    def __init__(self, client: UpstreamClient, target: _Target) -> None:
+        self.client = client
+        self.target = target
+        self.exchange: Optional[Exchange] = None
+        self.idle_since = 0.0
+        self.closed = False
+        self._reset_parser()
+
+    def _reset_parser(self) -> None:
+        self._buffer = b""
+        self._state = "head"  # head | length | chunk-size | chunk-data | chunk-crlf | trailer | close | done
+        self._remaining = 0
+        self._keep_alive = False
+        self.received_any = False
+
+    # --- sending ----------------------------------------------------------------------
+
+    def send(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self._reset_parser()
+        transport: Any = self.transport
+        body = exchange.body
+        if body is None or isinstance(body, bytes):
+            transport.write(exchange.request_head + body if body else exchange.request_head)
+        else:
+            transport.write(exchange.request_head)
+            body.seek(0)
+            FileSender().beginFileTransfer(body, transport)
+
+    # --- receiving --------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes while idle: the upstream is confused; never reuse this connection.
+            self._abort()
+            return
+        self.received_any = True
+        if self._state == "length" and not self._buffer:
+            # The common case: a body with Content-Length, passed through as it comes.
+            n = len(data)
+            if n < self._remaining:
+                self._remaining -= n
+                exchange.data(data)
+                return
+            if n == self._remaining:
+                self._remaining = 0
+                exchange.data(data)
+                self._complete()
+                return
+        self._buffer += data
+        try:
+            self._parse()
+        except UpstreamError:
+            self._fail(Failure())
+
+    def _parse(self) -> None:
+        while self.exchange is not None:
+            state = self._state
+            if state == "head":
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buffer) > _MAX_HEAD:
+                        raise UpstreamError("response head over 64 KiB")
+                    return
+                head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+                if not self._head(head):
+                    continue  # an interim 1xx answer: parse the next head
+            elif state == "length":
+                if not self._buffer:
+                    return
+                piece, self._buffer = self._buffer[: self._remaining], self._buffer[self._remaining :]
+                self._remaining -= len(piece)
+                self.exchange.data(piece)
+                if self._remaining == 0:
+                    self._complete()
+                    return
+            elif state == "close":
+                if self._buffer:
+                    piece, self._buffer = self._buffer, b""
+                    self.exchange.data(piece)
+                return
+            elif state == "chunk-size":
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > 4096:
+                        raise UpstreamError("chunk size line too long")
+                    return
+                line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise UpstreamError(f"bad chunk size {line[:40]!r}") from None
+                if size < 0:
+                    raise UpstreamError("negative chunk size")
+                if size == 0:
+                    self._state = "trailer"
+                else:
+                    self._remaining = size
+                    self._state = "chunk-data"
+            elif state == "chunk-data":
+                if not self._buffer:
+                    return
+                piece, self._buffer = self._buffer[: self._remaining], self._buffer[self._remaining :]
+                self._remaining -= len(piece)
+                self.exchange.data(piece)
+                if self._remaining == 0:
+                    self._state = "chunk-crlf"
+            elif state == "chunk-crlf":
+                if len(self._buffer) < 2:
+                    return
+                if self._buffer[:2] != b"\r\n":
+                    raise UpstreamError("missing CRLF after a chunk")
+                self._buffer = self._buffer[2:]
+                self._state = "chunk-size"
+            elif state == "trailer":
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    return
+                line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+                if not line:  # trailers are dropped (hop-by-hop in a proxy)
+                    self._complete()
+                    return
+            else:
+                return
+
+    def _head(self, head: bytes) -> bool:
+        lines = head.split(b"\r\n")
+        status = lines[0].split(b" ", 2)
+        if len(status) < 2 or not status[0].startswith(b"HTTP/1."):
+            raise UpstreamError(f"bad status line {lines[0][:80]!r}")
+        try:
+            code = int(status[1])
+        except ValueError:
+            raise UpstreamError(f"bad status code {status[1][:10]!r}") from None
+        phrase = status[2] if len(status) > 2 else b""
+        if 100 <= code < 200 and code != 101:
+            return False
+        headers: list[tuple[bytes, bytes]] = []
+        length: Optional[int] = None
+        chunked = False
+        connection = b""
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise UpstreamError(f"bad header line {line[:80]!r}")
+            name = name.strip()
+            value = value.strip()
+            lower = name.lower()
+            if lower == b"content-length":
+                try:
+                    n = int(value)
+                except ValueError:
+                    raise UpstreamError(f"bad Content-Length {value[:20]!r}") from None
+                if length is not None and n != length:
+                    raise UpstreamError("conflicting Content-Length headers")
+                length = n
+            elif lower == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+            elif lower == b"connection":
+                connection = connection + b"," + value.lower() if connection else value.lower()
+            headers.append((name, value))
+        keep = status[0] == b"HTTP/1.1" and b"close" not in connection
+        assert self.exchange is not None
+        no_body = self.exchange.method == b"HEAD" or code in _NO_BODY
+        if no_body:
+            body_length: Optional[int] = 0
+            self._state = "done"
+        elif chunked:
+            body_length = None
+            length = None
+            self._state = "chunk-size"
+        elif length is not None:
+            body_length = length
+            self._state = "length"
+            self._remaining = length
+        else:
+            body_length = None
+            keep = False
+            self._state = "close"
+        self._keep_alive = keep
+        self.exchange.on_head(code, phrase, headers, body_length, connection, self.transport)
+        if self._state == "done" or (self._state == "length" and self._remaining == 0):
+            self._complete()
+        return True
+
+    def _complete(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        self._state = "done"
+        leftover = self._buffer
+        self._buffer = b""
+        # Back to the pool before anyone hears of the end: a caller that reacts at once
+        # (a Deferred chain sending the next request) must find the connection idle.
+        if self._keep_alive and not leftover and not self.closed:
+            self.client._release(self)
+        else:
+            self._abort()
+        if exchange is not None:
+            exchange.done()
+
+    def _fail(self, reason: Failure) -> None:
+        exchange, self.exchange = self.exchange, None
+        self._abort()
+        if exchange is not None:
+            exchange.failed(reason)
+
+    def _abort(self) -> None:
+        self.closed = True
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self.client._forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        if self._state == "close":
+            exchange.done()  # a body delimited by the connection's end
+            return
+        exchange.lost(self, reason)
+
+
+class Exchange:
+    """
+    One request to an upstream and its answer, delivered to a :class:`Sink`.
+
+    Create with :meth:`UpstreamClient.request`; :meth:`cancel` aborts it (a client that
+    left, a timeout) without calling the sink again.
+    """
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        target: _Target,
+        method: bytes,
+        head: bytes,
+        body: Any,
+        sink: Sink,
+    ) -> None:
+        self.client = client
+        self.target = target
+        self.method = method
+        self.request_head = head
+        self.body = body
+        self.sink = sink
+        self.connection: Optional[_Connection] = None
+        self.head_sent = False
+        self.finished = False
+        self.retried = False
+        self._connecting: Optional[defer.Deferred[Any]] = None
+        self.connection_header = b""
+        self.reused = False
+
+    def start(self) -> None:
+        conn = self.client._take_idle(self.target)
+        if conn is not None:
+            self._use(conn, reused=True)
+            return
+        self._connect()
+
+    def _connect(self) -> None:
+        d = self.target.endpoint.connect(self.client._factory(self.target))
+        self._connecting = d
+        d.addCallbacks(lambda conn: self._use(conn, reused=False), self._connect_failed)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self._connecting = None
+        if self.finished:
+            return
+        if reason.check(defer.CancelledError):
+            return
+        self._finish_failed(reason)
+
+    def _use(self, conn: _Connection, reused: bool) -> None:
+        self._connecting = None
+        if self.finished:
+            self.client._release(conn)
+            return
+        self.connection = conn
+        self.reused = reused
+        conn.send(self)
+
+    # --- events from the connection ---------------------------------------------------
+
+    def on_head(
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: Optional[int],
+        connection: bytes,
+        producer: Any,
+    ) -> None:
+        self.head_sent = True
+        self.connection_header = connection
+        self.sink.upstream_head(code, phrase, headers, length, producer)
+
+    def data(self, data: bytes) -> None:
+        if not self.finished:
+            self.sink.upstream_data(data)
+
+    def done(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.connection = None
+            self.sink.upstream_done()
+
+    def failed(self, reason: Failure) -> None:
+        if not self.finished:
+            self._finish_failed(reason)
+
+    def lost(self, conn: _Connection, reason: Failure) -> None:
+        if self.finished:
+            return
+        self.connection = None
+        if (
+            self.reused
+            and not conn.received_any
+            and not self.retried
+            and self.method in _IDEMPOTENT
+            and (self.body is None or isinstance(self.body, bytes))
+        ):
+            # A pooled connection the upstream had already closed: try a fresh one.
+            self.retried = True
+            self._connect()
+            return
+        self._finish_failed(Failure(UpstreamReset(f"upstream closed the connection: {reason.getErrorMessage()}")))
+
+    def _finish_failed(self, reason: Failure) -> None:
+        self.finished = True
+        self.sink.upstream_failed(reason, self.head_sent)
+
+    def cancel(self) -> None:
+        """Abort: stop connecting or close the connection; the sink hears nothing more."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        conn, self.connection = self.connection, None
+        if conn is not None:
+            conn.exchange = None
+            conn._abort()
+
+    @property
+    def producer(self) -> Any:
+        """The upstream transport (an ``IPushProducer``) while the body streams."""
+        conn = self.connection
+        return conn.transport if conn is not None else None
+
+
+class UpstreamClient:
+    """
+    Pooled keep-alive connections to upstream base URLs.
+
+    :param reactor: the reactor.
+    :param max_idle_per_host: idle connections kept per upstream base URL.
+    :param idle_timeout: seconds an idle connection is kept before it is closed.
+    :param tls_policy: the ``IPolicyForHTTPS`` for ``https://`` upstreams (default:
+        verify against the system's CA store).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        max_idle_per_host: int = 256,
+        idle_timeout: float = 60.0,
+        tls_policy: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.max_idle_per_host = max_idle_per_host
+        self.idle_timeout = idle_timeout
+        self.tls_policy = tls_policy
+        self._targets: dict[bytes, _Target] = {}
+        self._sweeper: Optional[task.LoopingCall] = None
+
+    def target(self, base: bytes) -> _Target:
+        """The parsed upstream for a base URL (made once)."""
+        target = self._targets.get(base)
+        if target is None:
+            target = self._targets[base] = _Target(self.reactor, base, self.tls_policy)
+        return target
+
+    def head_for(self, base: bytes) -> tuple[bytes, bytes]:
+        """``(Host header value, path prefix)`` for an upstream base URL."""
+        t = self.target(base)
+        return t.host_header, t.prefix
+
+    def request(self, base: bytes, method: bytes, head: bytes, body: Any, sink: Sink) -> Exchange:
+        """
+        Send a request whose head the caller serialized (request line to blank line).
+
+        :param body: ``None``, ``bytes``, or a seekable file object.
+        :returns: the :class:`Exchange`, to cancel it.
+        """
+        exchange = Exchange(self, self.target(base), method, head, body, sink)
+        exchange.start()
+        return exchange
+
+    # --- the pool ---------------------------------------------------------------------
+
+    def _factory(self, target: _Target) -> Factory:
+        factory = Factory()
+        factory.buildProtocol = lambda addr: _Connection(self, target)  # type: ignore[method-assign]
+        return factory
+
+    def _take_idle(self, target: _Target) -> Optional[_Connection]:
+        idle = target.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        idle = conn.target.idle
+        if len(idle) >= self.max_idle_per_host:
+            conn._abort()
+            return
+        conn.idle_since = self.reactor.seconds()
+        idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = task.LoopingCall(self._sweep)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(max(1.0, self.idle_timeout / 4), now=False)
+
+    def _forget(self, conn: _Connection) -> None:
+        idle = conn.target.idle
+        if conn in idle:
+            idle.remove(conn)
+
+    def _sweep(self) -> None:
+        limit = self.reactor.seconds() - self.idle_timeout
+        for target in self._targets.values():
+            stale = [c for c in target.idle if c.idle_since <= limit]
+            for conn in stale:
+                target.idle.remove(conn)
+                transport: Any = conn.transport
+                if transport is not None:
+                    transport.loseConnection()
+
+    def close(self) -> defer.Deferred[None]:
+        """Close every idle connection and stop the sweeper."""
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+        for target in self._targets.values():
+            for conn in target.idle:
+                transport: Any = conn.transport
+                if transport is not None:
+                    transport.loseConnection()
+            target.idle.clear()
+        return defer.succeed(None)
+
+
+def serialize_head(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """Build a request head: request line, header lines, blank line."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
