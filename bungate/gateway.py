@@ -276,8 +276,8 @@ class Gateway:
                 site = self.site
                 work.addCallback(lambda _: site.drain(self.config.cluster.shutdown_timeout))
             if self.dispatcher is not None:
-                pool = self.dispatcher.pool
-                work.addCallback(lambda _: pool.closeCachedConnections())
+                dispatcher = self.dispatcher
+                work.addCallback(lambda _: dispatcher.close_connections())
         work.addBoth(lambda _: closing.fire(None))
         return closing.wait()
 

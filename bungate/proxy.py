@@ -2,10 +2,11 @@
 The request path of a worker: route, then answer from a handler or proxy upstream.
 
 :class:`Dispatcher` is what :class:`bungate.web.GatewaySite` calls for every request.
-Proxying goes through one ``twisted.web.client.Agent`` with a persistent connection pool;
-the upstream body is relayed as it arrives, with the upstream connection registered as
-the producer of the client response so a slow client pauses the upstream read instead of
-growing a buffer.
+Proxying goes through :class:`bungate.upstream.UpstreamClient` (pooled keep-alive
+connections, the request head serialized once); the upstream body is relayed as it
+arrives, with the upstream connection registered as the producer of the client response
+so a slow client pauses the upstream read instead of growing a buffer. Twisted's
+``Agent`` remains for the active health checks.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from bungate.config import GatewayConfig, RouteConfig
 from bungate.extensions import run_request_middlewares, run_response_middlewares
 from bungate.interfaces import Middleware, UpstreamRequest
 from bungate.routing import Router
+from bungate.upstream import UpstreamClient, UpstreamError, UpstreamReset, serialize_head
 from bungate.web import GatewayRequest, json_response
 
 __all__ = ["Dispatcher", "Response", "resolve_handler"]
@@ -62,6 +64,10 @@ HOP_BY_HOP = frozenset(
 )
 # Not hop-by-hop, but the gateway sets them itself when it forwards a request.
 _REQUEST_SKIP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
+# ... and, when the client sent a Host, the X-Forwarded-Host it becomes.
+_REQUEST_SKIP_HOST = _REQUEST_SKIP | {b"x-forwarded-host"}
+# Rebuilt from the client connection on every request.
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -208,10 +214,14 @@ class Dispatcher:
         self.metrics = metrics
         self.metrics_resource = metrics_resource
         self.access_log = access_log
+        #: the proxy's upstream connections (see :mod:`bungate.upstream` for why not Agent).
+        self.upstreams = UpstreamClient(
+            reactor, max_idle_per_host=256, idle_timeout=60.0, tls_policy=tls_policy
+        )
+        # Agent serves the active health checks only: a probe every few seconds per
+        # target gains nothing from the lean client and keeps treq-style ergonomics.
         self.pool = client.HTTPConnectionPool(reactor, persistent=True)
-        # The default keeps only 2 idle connections per upstream: every request beyond
-        # that would pay a fresh TCP connect.
-        self.pool.maxPersistentPerHost = 256
+        self.pool.maxPersistentPerHost = 4
         self.pool.cachedConnectionTimeout = 60
         self.agent = client.Agent.usingEndpointFactory(
             reactor, _UpstreamEndpoints(reactor, tls_policy), pool=self.pool
@@ -289,6 +299,12 @@ class Dispatcher:
         self._closed = True
         for balanced in self.balanced:
             balanced.stop()
+
+    def close_connections(self) -> defer.Deferred[Any]:
+        """Close the idle upstream connections (proxy and health probes), once drained."""
+        return defer.gatherResults(
+            [self.upstreams.close(), self.pool.closeCachedConnections()], consumeErrors=True
+        )
 
     # --- the request path -------------------------------------------------------------
 
@@ -531,29 +547,34 @@ class Dispatcher:
             uri = upstream.path
             source = upstream.headers
             chain = route.chain
-        url = target + uri
         request.upstream = target.decode("ascii")
-        headers = Headers()
+        host_header, prefix = self.upstreams.head_for(target)
+
+        lines: list[tuple[bytes, bytes]] = [(b"Host", host_header)]
+        host = source.getRawHeaders(b"host")
+        named = _REQUEST_SKIP_HOST if host else _REQUEST_SKIP
+        tokens = source.getRawHeaders(b"connection")
+        if tokens:
+            named = named | {t.strip().lower() for v in tokens for t in v.split(b",")}
         for name, values in source.getAllRawHeaders():
             lower = name.lower()
-            if lower not in _REQUEST_SKIP:
-                headers.setRawHeaders(name, values)
-        for token in source.getRawHeaders(b"connection", ()):
-            for extra in token.split(b","):
-                headers.removeHeader(extra.strip())
-        client_ip = request.getClientAddress()
-        peer = getattr(client_ip, "host", None)
+            if lower in named or lower in _FORWARDED:
+                continue
+            for value in values:
+                lines.append((name, value))
+        peer = getattr(request.getClientAddress(), "host", None)
+        prior = source.getRawHeaders(b"x-forwarded-for")
         if peer is not None:
-            prior = source.getRawHeaders(b"x-forwarded-for")
             forwarded = (b", ".join(prior) + b", " if prior else b"") + peer.encode("ascii")
-            headers.setRawHeaders(b"x-forwarded-for", [forwarded])
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-        host = source.getRawHeaders(b"host")
+            lines.append((b"X-Forwarded-For", forwarded))
+        elif prior:
+            lines.extend((b"X-Forwarded-For", v) for v in prior)
+        lines.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
         if host:
-            headers.setRawHeaders(b"x-forwarded-host", [host[0]])
-        headers.setRawHeaders(b"x-request-id", [request.request_id])
+            lines.append((b"X-Forwarded-Host", host[0]))
+        lines.append((b"X-Request-Id", request.request_id))
 
-        body: Optional[IBodyProducer] = None
+        body: Any = None
         content = request.content
         if content is not None:
             if isinstance(content, BytesIO):
@@ -563,110 +584,241 @@ class Dispatcher:
                     or request.requestHeaders.hasHeader(b"content-length")
                     or request.requestHeaders.hasHeader(b"transfer-encoding")
                 ):
-                    body = _BytesProducer(data)
+                    body = data
+                    lines.append((b"Content-Length", b"%d" % len(data)))
             else:
+                content.seek(0, 2)
+                lines.append((b"Content-Length", b"%d" % content.tell()))
                 content.seek(0)
-                body = client.FileBodyProducer(content)
+                body = content
 
-        timed_out = [False]
-        d = self.agent.request(method, url, headers, body)
-
-        def on_timeout() -> None:
-            timed_out[0] = True
-            d.cancel()
-
-        timer = self.clock.callLater(
-            route.config.timeout if timeout is None else timeout, on_timeout
+        sink = _ProxySink(self, request, route, target, method, chain, on_result, on_failure)
+        head = serialize_head(method, prefix + uri, lines)
+        sink.timer = self.clock.callLater(
+            route.config.timeout if timeout is None else timeout, sink.timed_out
         )
-        request.on_abort = d.cancel
+        request.on_abort = sink.client_gone
+        sink.exchange = self.upstreams.request(target, method, head, body, sink)
 
-        def got_response(response: IResponse) -> None:
-            if timer.active():
-                timer.cancel()
-            request.on_abort = None
-            if on_result is not None:
-                on_result("client-gone" if request._disconnected else "ok", response.code)
-            if request._disconnected:
-                response.deliverBody(_Discard())
-                return
-            request.setResponseCode(response.code, response.phrase)
-            out = request.responseHeaders
-            for name, values in response.headers.getAllRawHeaders():
-                if name.lower() not in HOP_BY_HOP:
-                    out.setRawHeaders(name, values)
-            for token in _connection_tokens(response):
-                out.removeHeader(token)
-            # Twisted's client parser keeps Content-Length out of response.headers and
-            # reports it as response.length; pass it on so the client is not sent chunks.
-            if response.length is not client.UNKNOWN_LENGTH and request.method != b"HEAD":
-                out.setRawHeaders(b"content-length", [b"%d" % response.length])
-            if chain is not None:
-                try:
-                    run_response_middlewares(chain, request, response.code, out)
-                except Exception:
-                    response.deliverBody(_Discard())  # type: ignore[no-untyped-call, call-arg]
-                    log.failure(
-                        "A middleware failed on the response to {method} {uri}",
-                        method=request.method.decode("ascii", "replace"),
-                        uri=request.uri.decode("latin-1"),
-                        request_id=request.request_id.decode("latin-1"),
-                    )
-                    json_response(
-                        request,
-                        500,
-                        {
-                            "error": "middleware_error",
-                            "request_id": request.request_id.decode("latin-1"),
-                        },
-                    )
-                    return
-            if (
-                response.length == 0
-                or request.method == b"HEAD"
-                or response.code in _NO_BODY_STATUS
-            ):
-                response.deliverBody(_Discard())
-                request.finish()
-                return
-            response.deliverBody(_Relay(request, lambda reason: None))
+    def _upstream_failed(
+        self,
+        request: GatewayRequest,
+        route: _Route,
+        target: bytes,
+        reason: Failure,
+        timed_out: bool,
+        on_result: Optional[Callable[[str, int], None]],
+        on_failure: Optional[Callable[[Failure, str], bool]],
+    ) -> None:
+        """No answer came from the upstream: retry (via ``on_failure``) or 502/504."""
+        status, kind = _classify(reason, timed_out)
+        if on_result is not None:
+            on_result(kind, status)
+        if on_failure is not None and on_failure(reason, kind):
+            return
+        if self.metrics is not None:
+            self.metrics.upstream_error(route.label, kind)
+        log.warn(
+            "Upstream {kind} for {method} {uri} via {route} -> {upstream}: {error}",
+            kind=kind,
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("latin-1"),
+            route=route.label,
+            upstream=target.decode("ascii"),
+            error=reason.getErrorMessage(),
+            request_id=request.request_id.decode("latin-1"),
+        )
+        json_response(
+            request,
+            status,
+            {
+                "error": "gateway_timeout" if status == 504 else "bad_gateway",
+                "reason": kind,
+                "request_id": request.request_id.decode("latin-1"),
+            },
+        )
 
-        def failed(reason: Failure) -> None:
-            if timer.active():
-                timer.cancel()
-            request.on_abort = None
-            if request._disconnected:
-                if on_result is not None:
-                    on_result("client-gone", 499)
-                return  # the client left and we cancelled: nothing to answer, nothing to log
-            status, kind = _classify(reason, timed_out[0])
-            if on_result is not None:
-                on_result(kind, status)
-            if on_failure is not None and on_failure(reason, kind):
-                return
-            if self.metrics is not None:
-                self.metrics.upstream_error(route.label, kind)
-            log.warn(
-                "Upstream {kind} for {method} {uri} via {route} -> {upstream}: {error}",
-                kind=kind,
-                method=request.method.decode("ascii", "replace"),
-                uri=request.uri.decode("latin-1"),
-                route=route.label,
-                upstream=target.decode("ascii"),
-                error=reason.getErrorMessage(),
-                request_id=request.request_id.decode("latin-1"),
-            )
-            json_response(
-                request,
-                status,
-                {
-                    "error": "gateway_timeout" if status == 504 else "bad_gateway",
-                    "reason": kind,
-                    "request_id": request.request_id.decode("latin-1"),
-                },
-            )
+    def _middleware_failed(self, request: GatewayRequest) -> None:
+        log.failure(
+            "A middleware failed on the response to {method} {uri}",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("latin-1"),
+            request_id=request.request_id.decode("latin-1"),
+        )
+        json_response(
+            request,
+            500,
+            {"error": "middleware_error", "request_id": request.request_id.decode("latin-1")},
+        )
 
-        d.addCallbacks(got_response, failed)
-        d.addErrback(request.processingFailed)
+
+class _ProxySink:
+    """
+    Relays one upstream exchange into the client's response (an ``upstream.Sink``).
+
+    Before the upstream's head arrives it owns the timeout and the client's abort; once
+    the head is written it streams the body with the upstream transport registered as
+    the response's producer, so a slow client pauses the upstream read.
+    """
+
+    __slots__ = (
+        "chain",
+        "dispatcher",
+        "exchange",
+        "method",
+        "on_failure",
+        "on_result",
+        "request",
+        "route",
+        "streaming",
+        "target",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        request: GatewayRequest,
+        route: _Route,
+        target: bytes,
+        method: bytes,
+        chain: Optional[Sequence[Middleware]],
+        on_result: Optional[Callable[[str, int], None]],
+        on_failure: Optional[Callable[[Failure, str], bool]],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.request = request
+        self.route = route
+        self.target = target
+        self.method = method
+        self.chain = chain
+        self.on_result = on_result
+        self.on_failure = on_failure
+        self.exchange: Any = None
+        self.timer: Any = None
+        self.streaming = False
+
+    # --- events from our side ---------------------------------------------------------
+
+    def timed_out(self) -> None:
+        """No response head within the route's timeout: give up on the upstream."""
+        self.timer = None
+        self.request.on_abort = None
+        self.exchange.cancel()
+        self._failed(Failure(defer.TimeoutError("no response head in time")), True)
+
+    def client_gone(self) -> None:
+        """The client left before the response was complete: stop the upstream work."""
+        self._cancel_timer()
+        self.exchange.cancel()
+        if not self.streaming and self.on_result is not None:
+            self.on_result("client-gone", 499)
+
+    # --- events from the upstream -----------------------------------------------------
+
+    def upstream_head(
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: Optional[int],
+        producer: Any,
+    ) -> None:
+        """Write the status line and headers; start streaming unless there is no body."""
+        self._cancel_timer()
+        request = self.request
+        if self.on_result is not None:
+            self.on_result("ok", code)
+        request.setResponseCode(code, phrase or None)
+        no_body = self.method == b"HEAD" or code in _NO_BODY_STATUS
+        named = HOP_BY_HOP
+        connection = self.exchange.connection_header
+        if connection:
+            named = named | {t.strip() for t in connection.split(b",")}
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            lower = name.lower()
+            if lower in named or (lower == b"content-length" and (not no_body or code == 204)):
+                continue
+            values = grouped.get(lower)
+            if values is None:
+                grouped[lower] = [value]
+            else:
+                values.append(value)
+        out = request.responseHeaders
+        for lower, values in grouped.items():
+            out.setRawHeaders(lower, values)
+        if not no_body and length is not None:
+            out.setRawHeaders(b"content-length", [b"%d" % length])
+        if self.chain is not None:
+            try:
+                run_response_middlewares(self.chain, request, code, out)
+            except Exception:
+                self.request.on_abort = None
+                self.exchange.cancel()
+                self.dispatcher._middleware_failed(request)
+                return
+        if not no_body and length != 0:
+            self.streaming = True
+            request.registerProducer(producer, True)
+
+    def upstream_data(self, data: bytes) -> None:
+        """Relay a piece of the body."""
+        self.request.write(data)
+
+    def upstream_done(self) -> None:
+        """The body is complete: finish the response."""
+        request = self.request
+        request.on_abort = None
+        if self.streaming:
+            self.streaming = False
+            request.unregisterProducer()
+        request.finish()
+
+    def upstream_failed(self, reason: Failure, head_sent: bool) -> None:
+        """The exchange failed: answer 502 if nothing was sent yet, else cut the client."""
+        self._cancel_timer()
+        request = self.request
+        request.on_abort = None
+        if not head_sent:
+            self._failed(reason, False)
+            return
+        # The upstream broke mid-body: the status line is gone, so the only honest
+        # signal left is to cut the client connection.
+        if self.streaming:
+            self.streaming = False
+            request.unregisterProducer()
+        log.warn(
+            "Upstream broke off the body of {method} {uri} -> {upstream}: {error}",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("latin-1"),
+            upstream=self.target.decode("ascii"),
+            error=reason.getErrorMessage(),
+            request_id=request.request_id.decode("latin-1"),
+        )
+        transport = getattr(request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _failed(self, reason: Failure, timed_out: bool) -> None:
+        if self.request._disconnected:
+            return
+        self.dispatcher._upstream_failed(
+            self.request,
+            self.route,
+            self.target,
+            reason,
+            timed_out,
+            self.on_result,
+            self.on_failure,
+        )
 
 
 @implementer(IAgentEndpointFactory)
@@ -772,7 +924,10 @@ def _classify(reason: Failure, timed_out: bool) -> tuple[int, str]:
             return 502, "dns"
         if f.check(error.TimeoutError):
             return 504, "timeout"
+    if reason.check(UpstreamError):
+        return 502, "other"
     if reason.check(
+        UpstreamReset,
         client.ResponseNeverReceived,
         client.RequestTransmissionFailed,
         client.ResponseFailed,

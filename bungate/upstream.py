@@ -28,7 +28,13 @@ from collections.abc import Sequence
 from typing import Any, Optional, Protocol as TypingProtocol
 
 from twisted.internet import defer, error, task
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
@@ -87,7 +93,16 @@ class _Target:
         self.host_header = netloc.encode("ascii")
         self.prefix = parts.path.rstrip("/").encode("ascii")
         self.key = base
-        endpoint: Any = HostnameEndpoint(reactor, host.encode("idna") if host else b"", port)
+        # An IP literal gets a plain TCP endpoint: HostnameEndpoint reports a refused
+        # connection only when its next attempt would be due (0.3 s), even for a single
+        # address, and a balanced route retrying elsewhere on "refused" would pay that.
+        endpoint: Any
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(reactor, host, port)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(reactor, host, port)
+        else:
+            endpoint = HostnameEndpoint(reactor, host.encode("idna") if host else b"", port)
         if secure:
             if tls_policy is None:
                 from twisted.web.client import BrowserLikePolicyForHTTPS
@@ -295,6 +310,11 @@ class _Connection(Protocol):
         # Back to the pool before anyone hears of the end: a caller that reacts at once
         # (a Deferred chain sending the next request) must find the connection idle.
         if self._keep_alive and not leftover and not self.closed:
+            # A slow client may have paused our read (backpressure): an idle pooled
+            # connection must read again, or its next answer, and the upstream's close
+            # of an idle connection, would never be seen.
+            transport: Any = self.transport
+            transport.resumeProducing()
             self.client._release(self)
         else:
             self._abort()
@@ -313,8 +333,12 @@ class _Connection(Protocol):
         if transport is not None:
             transport.abortConnection()
 
+    def connectionMade(self) -> None:
+        self.client.connections.add(self)
+
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.closed = True
+        self.client.connections.discard(self)
         self.client._forget(self)
         exchange, self.exchange = self.exchange, None
         if exchange is None:
@@ -478,6 +502,8 @@ class UpstreamClient:
         self.idle_timeout = idle_timeout
         self.tls_policy = tls_policy
         self._targets: dict[bytes, _Target] = {}
+        #: every open connection, idle or in use.
+        self.connections: set[_Connection] = set()
         self._sweeper: Optional[task.LoopingCall] = None
 
     def target(self, base: bytes) -> _Target:
