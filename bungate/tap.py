@@ -103,6 +103,13 @@ class Options(usage.Options):
         return config
 
     def postOptions(self) -> None:
+        """
+        Load and validate the configuration, then hand ``twist`` our log observer.
+
+        With ``--check``, print that the configuration is valid and exit instead.
+
+        :raises usage.UsageError: the configuration is invalid.
+        """
         try:
             self["gateway_config"] = self.load()
             from bungate import observe
@@ -142,6 +149,7 @@ class GatewayService(Service):
         self.gateway: Any = None
 
     def startService(self) -> None:
+        """Start the gateway; if it cannot start, stop the reactor and exit non-zero."""
         from twisted.internet import reactor
 
         from bungate.gateway import Gateway
@@ -176,15 +184,20 @@ class GatewayService(Service):
             sys.stderr.write(f"bungate: cannot start: {reason.getErrorMessage()}\n")
             # twist starts the service before the reactor runs: stopping must wait for it.
             # After shutdown, exit non-zero so a supervisor sees the failure.
-            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[attr-defined]
-            if reactor.running:  # type: ignore[attr-defined]
-                reactor.stop()  # type: ignore[attr-defined]
+            # The ignores: Twisted types the global reactor as an instance of its zope
+            # interfaces, whose methods are declared without ``self``. Without the
+            # mypy-zope plugin mypy takes their first parameter for ``self``, so
+            # addSystemEventTrigger seems to lack ``phase`` and stop() to want an argument.
+            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[arg-type]
+            if reactor.running:
+                reactor.stop()  # type: ignore[misc]
             else:
-                reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
+                reactor.callWhenRunning(reactor.stop)  # type: ignore[misc]
 
         d.addErrback(failed)
 
     def stopService(self) -> Any:
+        """Stop the gateway: the Deferred returned fires once it has drained (if started)."""
         super().stopService()
         if self.gateway is not None:
             return self.gateway.close()
