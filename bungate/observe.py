@@ -45,6 +45,10 @@ def set_output(stream: Any) -> None:
 def write_line(line: str) -> None:
     """Write an already formatted log line (a worker's) to this process's log output."""
     stream = _output[0] or sys.__stdout__
+    if stream is None:
+        # No log file and no stdout at all (e.g. started with fd 1 closed): the line has
+        # nowhere to go, as when writing fails below.
+        return
     try:
         stream.write(line + "\n")
         stream.flush()

@@ -150,6 +150,16 @@ def test_a_dead_pipe_does_not_raise(fmt: str) -> None:
     Logger(observer=observer).info("nobody listens")
 
 
+def test_a_worker_line_with_no_output_at_all_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bungate import observe
+
+    monkeypatch.setattr(observe, "_output", [None])
+    monkeypatch.setattr(sys, "__stdout__", None)
+    observe.write_line('{"msg": "nowhere to go"}')
+    monkeypatch.setattr(observe, "_output", [BrokenPipe()])
+    observe.write_line('{"msg": "nobody listens"}')
+
+
 def test_request_id() -> None:
     assert request_id(b"req-42_abc.DEF") == b"req-42_abc.DEF"
     assert request_id(b"x" * 200) == b"x" * 200
