@@ -31,7 +31,11 @@ __all__ = ["GatewayProcess", "UpstreamServer", "find_workers", "wait_until"]
 
 
 def wait_until(
-    reactor: Any, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+    reactor: Any,
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "",
 ) -> defer.Deferred[Any]:
     """Fire with the first true value of ``predicate()``; fail after ``timeout`` seconds."""
     d: defer.Deferred[Any] = defer.Deferred()
@@ -49,7 +53,9 @@ def wait_until(
             d.callback(value)
         elif reactor.seconds() > deadline:
             loop.stop()
-            d.errback(defer.TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}"))
+            d.errback(
+                defer.TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+            )
 
     loop = task.LoopingCall(check)
     loop.clock = reactor
@@ -313,7 +319,9 @@ class GatewayProcess:
         """The current end of the output: pass to :meth:`wait_for` as ``since``."""
         return len(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float = 20.0, since: int = 0) -> defer.Deferred[re.Match[str]]:
+    def wait_for(
+        self, pattern: str, timeout: float = 20.0, since: int = 0
+    ) -> defer.Deferred[re.Match[str]]:
         """Fire with the first output line (from line ``since`` on) matching ``pattern``."""
         regex = re.compile(pattern)
         for line in self.lines[since:]:
@@ -329,7 +337,9 @@ class GatewayProcess:
                 self._waiters.remove(item)
             if failure.check(defer.TimeoutError, defer.CancelledError):
                 tail = "\n".join(self.lines[-40:])
-                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output tail:\n{tail}")
+                raise AssertionError(
+                    f"no line matching {pattern!r} within {timeout}s; output tail:\n{tail}"
+                )
             return failure
 
         d.addTimeout(timeout, self.reactor)
