@@ -13,7 +13,8 @@ def test_defaults_match_the_documented_table():
     cl = c.cluster
     assert cl.enabled is False and cl.workers >= 1 and cl.restart_workers is True
     assert (cl.max_restarts, cl.restart_delay, cl.respawn_threshold) == (10, 1.0, 5)
-    assert (cl.respawn_threshold_time, cl.shutdown_timeout, cl.exit_on_shutdown) == (60.0, 30.0, True)
+    assert (cl.respawn_threshold_time, cl.shutdown_timeout) == (60.0, 30.0)
+    assert cl.exit_on_shutdown is True
     assert cl.heartbeat_timeout == 30.0
     assert (c.logger.level, c.logger.request_logging, c.logger.format) == ("info", True, "text")
     assert (c.metrics.enabled, c.metrics.path) == (False, "/metrics")
@@ -35,18 +36,50 @@ def test_builtin_default_runs_a_cluster_with_an_echo_route():
         ({"cluster": {"workers": 0}}, "cluster.workers", "at least 1"),
         ({"cluster": {"enabled": "yes"}}, "cluster.enabled", "true or false"),
         ({"cluster": {"restart_delay": -1}}, "cluster.restart_delay", "at least 0"),
-        ({"cluster": {"heartbeat_interval": 10, "heartbeat_timeout": 5}}, "cluster.heartbeat_timeout", "longer"),
+        (
+            {"cluster": {"heartbeat_interval": 10, "heartbeat_timeout": 5}},
+            "cluster.heartbeat_timeout",
+            "longer",
+        ),
         ({"logger": {"level": "loud"}}, "logger.level", "one of"),
         ({"routes": [{"pattern": "/a"}]}, "routes[0]", "needs one of"),
         ({"routes": [{"pattern": "/a", "target": "ftp://x"}]}, "routes[0].target", "http://"),
         ({"routes": [{"pattern": "/a", "target": "http://"}]}, "routes[0].target", "no host"),
-        ({"routes": [{"pattern": "/a", "target": "http://h:99999"}]}, "routes[0].target", "valid URL"),
-        ({"routes": [{"pattern": "a", "target": "http://h"}]}, "routes[0].pattern", "start with '/'"),
-        ({"routes": [{"pattern": "/a/*/b", "target": "http://h"}]}, "routes[0].pattern", "last segment"),
-        ({"routes": [{"pattern": "/a", "target": "http://h", "handler": "m:f"}]}, "routes[0]", "exactly one"),
-        ({"routes": [{"pattern": "/a", "handler": "not an import"}]}, "routes[0].handler", "import string"),
-        ({"routes": [{"pattern": "/a", "target": "http://h", "methods": ["FETCH"]}]}, "routes[0].methods", "FETCH"),
-        ({"routes": [{"pattern": "/a", "target": "http://h", "timeout": 0}]}, "routes[0].timeout", "at least"),
+        (
+            {"routes": [{"pattern": "/a", "target": "http://h:99999"}]},
+            "routes[0].target",
+            "valid URL",
+        ),
+        (
+            {"routes": [{"pattern": "a", "target": "http://h"}]},
+            "routes[0].pattern",
+            "start with '/'",
+        ),
+        (
+            {"routes": [{"pattern": "/a/*/b", "target": "http://h"}]},
+            "routes[0].pattern",
+            "last segment",
+        ),
+        (
+            {"routes": [{"pattern": "/a", "target": "http://h", "handler": "m:f"}]},
+            "routes[0]",
+            "exactly one",
+        ),
+        (
+            {"routes": [{"pattern": "/a", "handler": "not an import"}]},
+            "routes[0].handler",
+            "import string",
+        ),
+        (
+            {"routes": [{"pattern": "/a", "target": "http://h", "methods": ["FETCH"]}]},
+            "routes[0].methods",
+            "FETCH",
+        ),
+        (
+            {"routes": [{"pattern": "/a", "target": "http://h", "timeout": 0}]},
+            "routes[0].timeout",
+            "at least",
+        ),
         ({"routes": "x"}, "routes", "must be a list"),
         ({"server": {"tls": {"enabled": True}}}, "server.tls.cert", "required"),
         ({"metrics": {"listen": "nope"}}, "metrics.listen", "host:port"),

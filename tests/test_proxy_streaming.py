@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
 from twisted.internet import reactor as _reactor
+from twisted.internet import threads
 
 from bungate import Gateway
 from bungate.testing import UpstreamServer, wait_until
@@ -114,7 +114,9 @@ def test_framing_is_relayed(gateway):
     assert b"part1-" in body and b"part2" in body
     # HEAD keeps the upstream's Content-Length and sends no body
     raw = yield threads.deferToThread(
-        raw_request, gateway.port, b"HEAD /big?size=5000 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        raw_request,
+        gateway.port,
+        b"HEAD /big?size=5000 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
     )
     status, headers, body = split(raw)
     assert status == 200 and body == b""

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import sys
 from collections import Counter
 
 import pytest_twisted
@@ -82,7 +81,9 @@ def test_kill_9_worker_is_replaced_with_same_id_and_restart_counted(reactor, ups
 
 @pytest_twisted.inlineCallbacks
 def test_crash_loop_ends_in_failed_without_a_respawn_storm(reactor, upstream, gateways):
-    config = cluster_config(upstream.url, respawn_threshold=3, respawn_threshold_time=60, restart_delay=0.05)
+    config = cluster_config(
+        upstream.url, respawn_threshold=3, respawn_threshold_time=60, restart_delay=0.05
+    )
     config["routes"].append({"pattern": "/hello", "handler": "tests.integration.crashy:hello"})
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     gw = gateways(config, env=env)
@@ -130,7 +131,9 @@ def test_ttin_and_ttou_scale_by_one(reactor, upstream, gateways):
 
 
 @pytest_twisted.inlineCallbacks
-def test_sigterm_lets_the_in_flight_request_finish_then_everything_exits(reactor, upstream, gateways):
+def test_sigterm_lets_the_in_flight_request_finish_then_everything_exits(
+    reactor, upstream, gateways
+):
     gw = yield gateways(cluster_config(upstream.url)).start()
     workers = list(gw.workers().values())
     pending = treq.get(gw.url + "/slow?delay=1.5", persistent=False)
@@ -155,7 +158,9 @@ def test_workers_exit_when_the_master_is_killed(reactor, upstream, gateways):
     workers = list(gw.workers().values())
     os.kill(gw.pid, signal.SIGKILL)
     yield gw.wait_exit()
-    yield wait_until(reactor, lambda: not any(alive(p) for p in workers), 6, what="orphaned workers to exit")
+    yield wait_until(
+        reactor, lambda: not any(alive(p) for p in workers), 6, what="orphaned workers to exit"
+    )
 
     def port_closed():
         try:
@@ -202,7 +207,9 @@ def test_sighup_with_a_good_config_rolls_onto_it(reactor, upstream, gateways):
 
 @pytest_twisted.inlineCallbacks
 def test_a_hung_worker_is_killed_and_respawned(reactor, upstream, gateways):
-    gw = yield gateways(cluster_config(upstream.url, heartbeat_interval=0.2, heartbeat_timeout=1.5)).start()
+    gw = yield gateways(
+        cluster_config(upstream.url, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    ).start()
     victim = gw.workers()[2]
     mark = gw.mark()
     os.kill(victim, signal.SIGSTOP)
