@@ -126,6 +126,7 @@ class RoundRobin:
         self._rotation = _Rotation()
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """The next candidate in turn (:meth:`IBalancer.pick`)."""
         return self._rotation.among(candidates)
 
 
@@ -140,6 +141,7 @@ class LeastConnections:
         self._rotation = _Rotation()
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """A candidate with the fewest requests in flight (:meth:`IBalancer.pick`)."""
         least = min(u.active for u in candidates)
         return self._rotation.among([u for u in candidates if u.active == least])
 
@@ -180,6 +182,7 @@ class Weighted:
         self._weights = _SmoothWeights()
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """The next candidate by smooth weighted round robin (:meth:`IBalancer.pick`)."""
         return self._weights.among(candidates)
 
 
@@ -191,6 +194,7 @@ class RandomChoice:
     name = "random"
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """A uniformly random candidate, drawn from ``rng`` (:meth:`IBalancer.pick`)."""
         return candidates[rng.randrange(len(candidates))]
 
 
@@ -212,6 +216,7 @@ class IpHash:
     name = "ip-hash"
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """The candidate ranked first for ``client_ip`` (:meth:`IBalancer.pick`)."""
         return max(candidates, key=lambda u: _score(client_ip, u.url))
 
 
@@ -226,6 +231,7 @@ class PowerOfTwoChoices:
     name = "p2c"
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """The less busy of two random candidates (:meth:`IBalancer.pick`)."""
         if len(candidates) == 1:
             return candidates[0]
         i, j = rng.sample(range(len(candidates)), 2)
@@ -248,6 +254,7 @@ class Latency:
         self._rotation = _Rotation()
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """A candidate with the lowest average latency (:meth:`IBalancer.pick`)."""
         def key(u: Upstream) -> tuple[float, int]:
             return (u.latency or 0.0, u.active)
 
@@ -270,6 +277,7 @@ class WeightedLeastConnections:
         self._weights = _SmoothWeights()
 
     def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
+        """A candidate with the fewest requests in flight per weight (:meth:`IBalancer.pick`)."""
         # Compare active_a / weight_a with active_b / weight_b without floats.
         best = candidates[0]
         for u in candidates[1:]:

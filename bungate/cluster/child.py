@@ -116,6 +116,7 @@ class ControlClient(LineOnlyReceiver):
         self.connected_ = False
 
     def connectionMade(self) -> None:
+        """From now on :meth:`send` writes to the master."""
         self.connected_ = True
 
     def send(self, kind: str, **fields: Any) -> None:
@@ -125,6 +126,7 @@ class ControlClient(LineOnlyReceiver):
             self.sendLine(json.dumps(fields, separators=(",", ":")).encode())
 
     def lineReceived(self, line: bytes) -> None:
+        """Pass on a JSON object from the master; log lines that are not JSON, skip them."""
         try:
             message = json.loads(line)
         except ValueError:
@@ -134,6 +136,7 @@ class ControlClient(LineOnlyReceiver):
             self.on_message(message)
 
     def connectionLost(self, reason: Any = None) -> None:
+        """Stop sending; if the channel was open, report that the master is gone."""
         was = self.connected_
         self.connected_ = False
         if was:
@@ -249,4 +252,4 @@ def main(argv: Optional[list[str]] = None) -> None:
         os._exit(3)
 
     d.addErrback(failed)
-    reactor.run()  # type: ignore[attr-defined,misc]
+    reactor.run()  # type: ignore[misc]  # interface method typed without self (see tap.py)

@@ -445,9 +445,11 @@ class WorkerProtocol(ProcessProtocol):
         self.on_exit: Optional[Callable[[], None]] = None
 
     def connectionMade(self) -> None:
+        """Keep the worker's pid while the transport still knows it."""
         self.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """Split the worker's output into lines and pass each complete one on."""
         buffered = self._buffers.get(childFD, b"") + data
         *lines, rest = buffered.split(b"\n")
         if len(rest) > 65536:  # a runaway line without newline: flush it anyway
@@ -459,6 +461,7 @@ class WorkerProtocol(ProcessProtocol):
                 self.on_line(self.slot, childFD, line)
 
     def processExited(self, reason: Failure) -> None:
+        """Flush any unterminated output, then tell the slot the exit code or signal."""
         for fd, rest in self._buffers.items():
             if rest:
                 self.on_line(self.slot, fd, rest)
