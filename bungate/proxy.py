@@ -28,13 +28,10 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client, http
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web import client
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from bungate.config import GatewayConfig, RouteConfig
@@ -108,64 +105,6 @@ def resolve_handler(spec: Any) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """Sends an in-memory request body in one write (no cooperator round trips)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self._data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _Relay(Protocol):
-    """Streams an upstream response body into the client's response."""
-
-    def __init__(self, request: GatewayRequest, done: Callable[[Optional[Failure]], None]) -> None:
-        self.request = request
-        self.done = done
-
-    def connectionMade(self) -> None:
-        request = self.request
-        if request._disconnected:
-            self.transport.stopProducing()
-            return
-        request.registerProducer(self.transport, True)
-        request.on_abort = self.transport.stopProducing
-
-    def dataReceived(self, data: bytes) -> None:
-        self.request.write(data)
-
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
-        request = self.request
-        request.on_abort = None
-        if request._disconnected:
-            return
-        request.unregisterProducer()
-        if reason.check(client.ResponseDone, http.PotentialDataLoss):
-            request.finish()
-            self.done(None)
-        else:
-            # The upstream broke mid-body: the status line is gone, so the only honest
-            # signal left is to cut the client connection.
-            self.done(reason)
-            transport = getattr(request.channel, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-
-
 @attrs.define
 class _Route:
     label: str
@@ -209,7 +148,7 @@ class Dispatcher:
     ) -> None:
         self.config = config
         self.reactor = reactor
-        self.clock: IReactorTime = reactor
+        self.clock: Any = reactor  # IReactorTime (typed Any: its zope methods lack self)
         self.status = status or (lambda: {"status": "ok", "pid": os.getpid()})
         self.metrics = metrics
         self.metrics_resource = metrics_resource
@@ -465,8 +404,10 @@ class Dispatcher:
         assert route.handler is not None
         try:
             result = route.handler(request)
-            if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
                 result = defer.ensureDeferred(result)
+            elif inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
+                result = defer.ensureDeferred(_awaited(result))
         except Exception:
             request.processingFailed(Failure())
             return
@@ -867,33 +808,9 @@ class _UpstreamEndpoints:
         return endpoint
 
 
-class _Discard(Protocol):
-    """Reads and drops a body we do not relay (HEAD, 204, a client that left)."""
-
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
-        pass
-
-
-def _connection_tokens(response: IResponse) -> list[bytes]:
-    """
-    The header names an upstream response lists in ``Connection`` (hop-by-hop).
-
-    Twisted's client parser files ``Connection`` under its connection headers, which
-    ``IResponse`` does not expose; read them from the parser when it is there.
-    """
-    proxy = getattr(response, "_transport", None)  # TransportProxyProducer
-    protocol = getattr(getattr(proxy, "_producer", None), "protocol", None)
-    protocol = getattr(protocol, "_wrappedProtocol", protocol)  # endpoints wrap it
-    parser = getattr(protocol, "_parser", None)
-    headers = getattr(parser, "connHeaders", None)
-    if headers is None:
-        return []
-    return [
-        t.strip()
-        for value in headers.getRawHeaders(b"connection", ())
-        for t in value.split(b",")
-        if t.strip()
-    ]
+async def _awaited(awaitable: Any) -> Any:
+    """A coroutine for any awaitable a handler returned (a Future-like object)."""
+    return await awaitable
 
 
 def _origin_form(uri: bytes) -> bytes:

@@ -25,7 +25,8 @@ Connections are made with Twisted endpoints (``HostnameEndpoint``, wrapped in TL
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Protocol as TypingProtocol
+from typing import Any, Optional
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, error, task
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -58,7 +59,12 @@ class Sink(TypingProtocol):
     """Where an exchange delivers the upstream's answer."""
 
     def upstream_head(
-        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: Optional[int], producer: Any
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: Optional[int],
+        producer: Any,
     ) -> None:
         """The status line and headers; ``length`` is the body length if known."""
 
@@ -108,7 +114,9 @@ class _Target:
                 from twisted.web.client import BrowserLikePolicyForHTTPS
 
                 tls_policy = BrowserLikePolicyForHTTPS()
-            endpoint = wrapClientTLS(tls_policy.creatorForNetloc(host.encode("idna"), port), endpoint)
+            endpoint = wrapClientTLS(
+                tls_policy.creatorForNetloc(host.encode("idna"), port), endpoint
+            )
         self.endpoint = endpoint
         self.idle: list[_Connection] = []
 
@@ -126,7 +134,9 @@ class _Connection(Protocol):
 
     def _reset_parser(self) -> None:
         self._buffer = b""
-        self._state = "head"  # head | length | chunk-size | chunk-data | chunk-crlf | trailer | close | done
+        self._state = (
+            "head"  # head | length | chunk-size | chunk-data | chunk-crlf | trailer | close | done
+        )
         self._remaining = 0
         self._keep_alive = False
         self.received_any = False
@@ -187,7 +197,10 @@ class _Connection(Protocol):
             elif state == "length":
                 if not self._buffer:
                     return
-                piece, self._buffer = self._buffer[: self._remaining], self._buffer[self._remaining :]
+                piece, self._buffer = (
+                    self._buffer[: self._remaining],
+                    self._buffer[self._remaining :],
+                )
                 self._remaining -= len(piece)
                 self.exchange.data(piece)
                 if self._remaining == 0:
@@ -219,7 +232,10 @@ class _Connection(Protocol):
             elif state == "chunk-data":
                 if not self._buffer:
                     return
-                piece, self._buffer = self._buffer[: self._remaining], self._buffer[self._remaining :]
+                piece, self._buffer = (
+                    self._buffer[: self._remaining],
+                    self._buffer[self._remaining :],
+                )
                 self._remaining -= len(piece)
                 self.exchange.data(piece)
                 if self._remaining == 0:
@@ -453,7 +469,9 @@ class Exchange:
             self.retried = True
             self._connect()
             return
-        self._finish_failed(Failure(UpstreamReset(f"upstream closed the connection: {reason.getErrorMessage()}")))
+        self._finish_failed(
+            Failure(UpstreamReset(f"upstream closed the connection: {reason.getErrorMessage()}"))
+        )
 
     def _finish_failed(self, reason: Failure) -> None:
         self.finished = True

@@ -58,12 +58,14 @@ def send(client, base, method=b"GET", target=b"/", headers=(), body=None):
 def test_get_and_keepalive_reuse(client, upstream):
     base = upstream.url.encode()
     rec = yield send(client, base, target=b"/x?y=1")
-    code, _, headers, length = rec.head
+    code, _, _headers, length = rec.head
     assert code == 200 and length == len(rec.body)
     assert json.loads(rec.body)["uri"] == "/x?y=1"
     first = upstream.requests[-1].getClientAddress().port
     yield send(client, base, target=b"/again")
-    assert upstream.requests[-1].getClientAddress().port == first, "the pooled connection was not reused"
+    assert upstream.requests[-1].getClientAddress().port == first, (
+        "the pooled connection was not reused"
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -120,7 +122,11 @@ def test_cancel_aborts_without_calling_the_sink_again(client, upstream):
     host, _ = client.head_for(upstream.url.encode())
     rec = Recorder()
     exchange = client.request(
-        upstream.url.encode(), b"GET", serialize_head(b"GET", b"/slow?delay=5", [(b"Host", host)]), None, rec
+        upstream.url.encode(),
+        b"GET",
+        serialize_head(b"GET", b"/slow?delay=5", [(b"Host", host)]),
+        None,
+        rec,
     )
     yield wait_until(_reactor, lambda: any(r.path == b"/slow" for r in upstream.requests), 5)
     exchange.cancel()
