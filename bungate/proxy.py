@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from importlib import import_module
 from io import BytesIO
@@ -66,6 +67,9 @@ _REQUEST_SKIP_HOST = _REQUEST_SKIP | {b"x-forwarded-host"}
 # Rebuilt from the client connection on every request.
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
 _NO_BODY_STATUS = frozenset({204, 304})
+# What a middleware may leave in the upstream request line (RFC 9110 token, origin-form).
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ORIGIN_FORM = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
 
 
 @attrs.frozen
@@ -488,6 +492,23 @@ class Dispatcher:
             uri = upstream.path
             source = upstream.headers
             chain = route.chain
+            if not (_TOKEN.fullmatch(method) and _ORIGIN_FORM.fullmatch(uri)):
+                # A middleware set something that would split the request line.
+                log.error(
+                    "A middleware set an invalid upstream request line {method!r} {path!r}",
+                    method=method,
+                    path=uri,
+                    request_id=request.request_id.decode("latin-1"),
+                )
+                json_response(
+                    request,
+                    500,
+                    {
+                        "error": "middleware_error",
+                        "request_id": request.request_id.decode("latin-1"),
+                    },
+                )
+                return
         request.upstream = target.decode("ascii")
         host_header, prefix = self.upstreams.head_for(target)
 

@@ -282,10 +282,9 @@ class _Connection(Protocol):
             value = value.strip()
             lower = name.lower()
             if lower == b"content-length":
-                try:
-                    n = int(value)
-                except ValueError:
-                    raise UpstreamError(f"bad Content-Length {value[:20]!r}") from None
+                if not value.isdigit():
+                    raise UpstreamError(f"bad Content-Length {value[:20]!r}")
+                n = int(value)
                 if length is not None and n != length:
                     raise UpstreamError("conflicting Content-Length headers")
                 length = n

@@ -532,6 +532,8 @@ class Broken:
     def process_request(self, request: Any, upstream: Any) -> Any:
         if request.getHeader(b"x-break"):
             raise RuntimeError("boom")
+        if request.getHeader(b"x-smuggle"):
+            upstream.path = b"/x HTTP/1.1\r\nHost: h\r\n\r\nGET /smuggled"
         return None
 
     def process_response(self, request: Any, status: int, headers: Headers) -> None:
@@ -590,6 +592,11 @@ def test_middlewares_answer_adjust_and_fail(stub_middlewares: None) -> Any:
         # a failing middleware is a 500, logged, nothing proxied
         before = [served(s) for s in servers]
         response, body = yield get(gw.base + "/lb/x", headers={b"x-break": [b"1"]})
+        assert response.code == 500
+        assert json.loads(body)["error"] == "middleware_error"
+        assert [served(s) for s in servers] == before
+        # a middleware cannot split the upstream request line
+        response, body = yield get(gw.base + "/lb/x", headers={b"x-smuggle": [b"1"]})
         assert response.code == 500
         assert json.loads(body)["error"] == "middleware_error"
         assert [served(s) for s in servers] == before

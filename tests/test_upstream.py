@@ -10,7 +10,7 @@ from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
 
 from bungate.testing import UpstreamServer, wait_until
-from bungate.upstream import UpstreamClient, UpstreamReset, serialize_head
+from bungate.upstream import UpstreamClient, UpstreamError, UpstreamReset, serialize_head
 
 
 class Recorder:
@@ -132,3 +132,35 @@ def test_cancel_aborts_without_calling_the_sink_again(client, upstream):
     exchange.cancel()
     yield wait_until(_reactor, lambda: upstream.cancelled, 5, what="the upstream to see the abort")
     assert not rec.done.called
+
+
+class CannedServer(protocol.Protocol):
+    """Answers every request with the factory's canned bytes."""
+
+    def dataReceived(self, data):
+        if b"\r\n\r\n" in data:
+            self.transport.write(self.factory.answer)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc",
+        b"HTTP/1.1 2xx OK\r\n\r\n",
+        b"SMTP ready\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_malformed_answers_fail_the_exchange(client, answer):
+    factory = protocol.Factory.forProtocol(CannedServer)
+    factory.answer = answer
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        base = f"http://127.0.0.1:{port.getHost().port}".encode()
+        with pytest.raises(UpstreamError):
+            yield send(client, base)
+    finally:
+        yield port.stopListening()
