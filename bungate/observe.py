@@ -7,6 +7,8 @@ stays about roles and lifecycle. Nothing here is imported by the pure modules.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from typing import Any, Callable, Optional
 
@@ -119,10 +121,26 @@ def for_worker(
     return metrics, resource, access
 
 
+def _name_master_copies() -> None:
+    """
+    In a worker, name the operator's files in TLS messages instead of the master's
+    copies (the master passes ``{copy: original}`` in ``BUNGATE_TLS_COPIES``).
+    """
+    from bungate.tls import name_copies
+
+    try:
+        copies = json.loads(os.environ.get("BUNGATE_TLS_COPIES") or "{}")
+    except ValueError:
+        return
+    if isinstance(copies, dict):
+        name_copies({str(k): str(v) for k, v in copies.items()})
+
+
 def upstream_tls(config: GatewayConfig) -> Any:
     """The HTTPS policy for upstream connections (verification, per-route CAs)."""
     from bungate.tls import upstream_tls_policy
 
+    _name_master_copies()
     return upstream_tls_policy(config.routes, config.source)
 
 
@@ -132,6 +150,7 @@ def wrap_tls(config: GatewayConfig, site: Any) -> Any:
         return site
     from bungate.tls import server_tls_factory
 
+    _name_master_copies()
     return server_tls_factory(config.server.tls, site)
 
 
@@ -175,7 +194,16 @@ def check_startup(config: GatewayConfig, manager: Any = None) -> None:
     """
     Everything the master checks before it spawns a worker: certificates, CA files,
     handler imports and plugin names. Raises :class:`~bungate.config.ConfigError`.
+
+    With the master's ``manager``, the manager first copies the certificate, key and CA
+    files for its workers and these checks run on the copies (see
+    :meth:`~bungate.cluster.manager.ClusterManager.accept_config`); every reload is then
+    checked the same way.
     """
+    if manager is not None:
+        manager.validate_config = check_startup
+        manager.accept_config(config)
+        return
     from bungate.balanced import check_plugins
     from bungate.config import ConfigError
     from bungate.proxy import resolve_handler
@@ -190,5 +218,3 @@ def check_startup(config: GatewayConfig, manager: Any = None) -> None:
             except ValueError as e:
                 raise ConfigError(config.source, f"routes[{i}].handler", str(e)) from None
     check_plugins(config)
-    if manager is not None:
-        manager.validate_config = check_startup

@@ -9,6 +9,10 @@ line naming the file, instead of a fleet of workers dying in a loop. A worker th
 ``Agent``; both load the files again, so a reload that rolls the workers picks up new
 certificates.
 
+The files a worker loads are the master's private copies (:func:`copy_certificate_files`),
+not the operator's: the master checks the copies, and every worker it starts until the next
+accepted reload loads exactly those bytes. Messages still name the operator's files.
+
 Nothing here touches the reactor.
 """
 
@@ -17,8 +21,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, Union, cast
 from urllib.parse import urlsplit
 
@@ -50,13 +55,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from bungate.config import ConfigError, RouteConfig, TLSConfig
+from bungate.config import ConfigError, GatewayConfig, RouteConfig, TLSConfig
 
 __all__ = [
     "RedirectResource",
     "UpstreamTLSPolicy",
+    "certificate_files",
     "check_tls",
     "check_upstream_tls",
+    "copy_certificate_files",
+    "forget_copies",
+    "name_copies",
     "server_tls_factory",
     "upstream_tls_policy",
 ]
@@ -95,13 +104,23 @@ def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+# copy path -> the operator's path, for the master's copies (see copy_certificate_files)
+_ORIGINALS: dict[str, str] = {}
+
+
+def _shown(path: str) -> str:
+    """The path to name in a message: the operator's file rather than the master's copy."""
+    return _ORIGINALS.get(path, path)
+
+
 def _read(path: str, source: str, name: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
         reason = e.strerror or str(e)
-        raise ConfigError(source, name, f"cannot read the {what} file {path}: {reason}") from None
+        shown = _shown(path)
+        raise ConfigError(source, name, f"cannot read the {what} file {shown}: {reason}") from None
 
 
 def _load_certificates(path: str, source: str, name: str, what: str) -> list[x509.Certificate]:
@@ -111,7 +130,7 @@ def _load_certificates(path: str, source: str, name: str, what: str) -> list[x50
     except ValueError:
         certs = []
     if not certs:
-        raise ConfigError(source, name, f"{path} holds no PEM certificate")
+        raise ConfigError(source, name, f"{_shown(path)} holds no PEM certificate")
     return certs
 
 
@@ -135,6 +154,7 @@ def _check_dates(
     cert: x509.Certificate, path: str, source: str, name: str, now: datetime.datetime
 ) -> None:
     not_before, not_after = _not_before(cert), _not_after(cert)
+    path = _shown(path)
     if now > not_after:
         raise ConfigError(
             source, name, f"the certificate in {path} expired on {not_after:%Y-%m-%d %H:%M} UTC"
@@ -188,10 +208,11 @@ def _load_pair(
                 "chain certificate {subject} in {path} has expired; clients that need it "
                 "will fail to verify the server",
                 subject=_subject(extra),
-                path=cert_path,
+                path=_shown(cert_path),
             )
 
     data = _read(key_path, source, key_name, "private key")
+    cert_path, key_path = _shown(cert_path), _shown(key_path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -275,6 +296,137 @@ def check_tls(config: TLSConfig, source: str) -> None:
         return
     _cipher_list(config, source)
     _pairs(config, source)
+
+
+# --- the master's private copies of the files workers load ------------------------------
+
+
+def certificate_files(config: GatewayConfig) -> list[tuple[str, str, str]]:
+    """
+    Every file a worker loads when it starts: the ``server.tls`` pair and each SNI pair
+    (when ``server.tls.enabled``), and each route's ``ca_file``.
+
+    :returns: ``(path, dotted key, what)`` triples in config order, e.g.
+        ``("/etc/tls/key.pem", "server.tls.key", "private key")``; a path used twice is
+        listed twice.
+    """
+    files: list[tuple[str, str, str]] = []
+    tls = config.server.tls
+    if tls.enabled:
+        for path, key, what in (
+            (tls.cert, "server.tls.cert", "certificate"),
+            (tls.key, "server.tls.key", "private key"),
+        ):
+            if path is not None:
+                files.append((path, key, what))
+        for host, (cert, key) in tls.certificates.items():
+            prefix = f"server.tls.certificates.{host}"
+            files.append((cert, f"{prefix}.cert", "certificate"))
+            files.append((key, f"{prefix}.key", "private key"))
+    for i, route in enumerate(config.routes):
+        if route.ca_file is not None:
+            files.append((route.ca_file, f"routes[{i}].ca_file", "CA"))
+    return files
+
+
+def _write_private(path: str, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def copy_certificate_files(
+    config: GatewayConfig, directory: str
+) -> tuple[GatewayConfig, dict[str, str]]:
+    """
+    Copy the files of :func:`certificate_files` into ``directory`` and point a config at
+    the copies.
+
+    Each distinct path is read once and its bytes written to a new file (mode 0600) in
+    ``directory``, which should be private to this process (``tempfile.mkdtemp``). The
+    copies are then named after the operator's files in every message of this module, so
+    checking the returned config reports problems with the operator's paths.
+
+    :param config: the config as the operator wrote it.
+    :param directory: an existing, empty directory.
+    :returns: the same config with every such path replaced by its copy, in the typed
+        sections and in ``raw`` (which workers are built from), and ``{copy: original}``.
+    :raises ConfigError: naming the key and the operator's file when a file cannot be
+        read, or cannot be written into ``directory``.
+    """
+    copies: dict[str, str] = {}  # original -> copy
+    for path, key, what in certificate_files(config):
+        if path in copies:
+            continue
+        data = _read(path, config.source, key, what)
+        copy = os.path.join(directory, f"{len(copies)}-{os.path.basename(path) or 'file'}")
+        try:
+            _write_private(copy, data)
+        except OSError as e:
+            raise ConfigError(
+                config.source,
+                key,
+                f"cannot copy {path} into {directory} for the workers: {e.strerror or e}",
+            ) from None
+        copies[path] = copy
+    originals = {copy: path for path, copy in copies.items()}
+    name_copies(originals)
+    return _pointing_at(config, copies), originals
+
+
+def name_copies(originals: Mapping[str, str]) -> None:
+    """
+    Name the operator's file instead of a copy in messages from now on.
+
+    :param originals: ``{copy: original}``, as returned by :func:`copy_certificate_files`
+        (workers get it from their master).
+    """
+    _ORIGINALS.update(originals)
+
+
+def forget_copies(copies: Iterable[str]) -> None:
+    """Stop translating these copies' paths (they are about to be deleted)."""
+    for copy in copies:
+        _ORIGINALS.pop(copy, None)
+
+
+def _pointing_at(config: GatewayConfig, moved: Mapping[str, str]) -> GatewayConfig:
+    """``config`` with each path in ``moved`` replaced by its new path."""
+
+    def new(path: Any) -> Any:
+        return moved.get(path, path) if isinstance(path, str) else path
+
+    tls = config.server.tls
+    tls = attrs.evolve(
+        tls,
+        cert=new(tls.cert),
+        key=new(tls.key),
+        certificates={h: (new(c), new(k)) for h, (c, k) in tls.certificates.items()},
+    )
+    routes = tuple(attrs.evolve(r, ca_file=new(r.ca_file)) for r in config.routes)
+
+    raw = dict(config.raw)
+    server = raw.get("server")
+    if isinstance(server, Mapping) and isinstance(server.get("tls"), Mapping):
+        raw_tls = dict(server["tls"])
+        for name in ("cert", "key"):
+            if name in raw_tls:
+                raw_tls[name] = new(raw_tls[name])
+        sni = raw_tls.get("certificates")
+        if isinstance(sni, Mapping):
+            raw_tls["certificates"] = {
+                host: {k: new(v) for k, v in pair.items()} if isinstance(pair, Mapping) else pair
+                for host, pair in sni.items()
+            }
+        raw["server"] = {**server, "tls": raw_tls}
+    raw_routes = raw.get("routes")
+    if isinstance(raw_routes, (list, tuple)):
+        raw["routes"] = [
+            {**r, "ca_file": new(r["ca_file"])} if isinstance(r, Mapping) and "ca_file" in r else r
+            for r in raw_routes
+        ]
+    return attrs.evolve(config, server=attrs.evolve(config.server, tls=tls), routes=routes, raw=raw)
 
 
 # --- the server side -------------------------------------------------------------------
@@ -564,7 +716,7 @@ def _load_ca(path: str, source: str, name: str) -> list[x509.Certificate]:
             log.warn(
                 "CA certificate {subject} in {path} has expired",
                 subject=_subject(cert),
-                path=path,
+                path=_shown(path),
             )
     return certs
 

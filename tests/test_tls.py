@@ -31,8 +31,11 @@ from twisted.web.server import Site
 from bungate.config import ConfigError, RouteConfig, TLSConfig, parse_config
 from bungate.tls import (
     RedirectResource,
+    certificate_files,
     check_tls,
     check_upstream_tls,
+    copy_certificate_files,
+    forget_copies,
     server_tls_factory,
     upstream_tls_policy,
 )
@@ -669,3 +672,185 @@ def test_check_upstream_tls_errors(tmp_path: Path, ca_file: str) -> None:
     check_upstream_tls(
         routes(good, {"pattern": "/b", "target": "https://b", "ca_file": ca_file}), "gw.yaml"
     )
+
+
+# --- (i) the master's private copies of the files workers load ------------------------
+
+
+def copies_config(pair: tuple[str, str], other: tuple[str, str], ca_file: str) -> Any:
+    """A parsed config naming every kind of file; the key of ``pair`` is used twice."""
+    return parse_config(
+        {
+            "server": {
+                "tls": {
+                    "enabled": True,
+                    "cert": pair[0],
+                    "key": pair[1],
+                    "certificates": {
+                        "API.example.org": {"cert": other[0], "key": other[1]},
+                        "*.example.com": {"cert": pair[0], "key": pair[1]},
+                    },
+                }
+            },
+            "routes": [
+                {"pattern": "/a/*", "target": "https://a.internal", "ca_file": ca_file},
+                {"pattern": "/b/*", "target": "http://127.0.0.1:1"},
+            ],
+        },
+        source="gw.yaml",
+    )
+
+
+def test_copy_certificate_files(
+    ca: trustme.CA, pair: tuple[str, str], ca_file: str, tmp_path: Path
+) -> None:
+    other = write_pair(ca.issue_cert("api.example.org"), tmp_path, "other")
+    config = copies_config(pair, other, ca_file)
+    raw_before = json.dumps(config.raw, sort_keys=True)
+    assert [key for _, key, _ in certificate_files(config)] == [
+        "server.tls.cert",
+        "server.tls.key",
+        "server.tls.certificates.api.example.org.cert",
+        "server.tls.certificates.api.example.org.key",
+        "server.tls.certificates.*.example.com.cert",
+        "server.tls.certificates.*.example.com.key",
+        "routes[0].ca_file",
+    ]
+    directory = tmp_path / "copies"
+    directory.mkdir(mode=0o700)
+
+    workers, originals = copy_certificate_files(config, str(directory))
+    try:
+        # One private copy per distinct file, byte for byte.
+        assert sorted(originals.values()) == sorted({*pair, *other, ca_file})
+        assert sorted(str(p) for p in directory.iterdir()) == sorted(originals)
+        for copy, original in originals.items():
+            assert Path(copy).read_bytes() == Path(original).read_bytes()
+            assert Path(copy).stat().st_mode & 0o777 == 0o600
+        copy_of = {original: copy for copy, original in originals.items()}
+
+        tls = workers.server.tls
+        assert (tls.cert, tls.key) == (copy_of[pair[0]], copy_of[pair[1]])
+        assert tls.certificates == {
+            "api.example.org": (copy_of[other[0]], copy_of[other[1]]),
+            "*.example.com": (copy_of[pair[0]], copy_of[pair[1]]),
+        }
+        assert [r.ca_file for r in workers.routes] == [copy_of[ca_file], None]
+        assert workers.source == config.source
+        # Workers are built from the raw mapping as JSON: it says the same.
+        rebuilt = parse_config(json.loads(json.dumps(workers.raw)), source=workers.source)
+        assert rebuilt == workers
+        # The operator's config is untouched.
+        assert json.dumps(config.raw, sort_keys=True) == raw_before
+        assert config.server.tls.cert == pair[0]
+        check_tls(workers.server.tls, workers.source)
+        check_upstream_tls(workers.routes, workers.source)
+    finally:
+        forget_copies(originals)
+
+
+def test_copy_certificate_files_leaves_disabled_tls_alone(tmp_path: Path) -> None:
+    config = parse_config(
+        {"server": {"tls": {"enabled": False, "cert": "/no/such.crt", "key": "/no/such.key"}}}
+    )
+    assert certificate_files(config) == []
+    workers, originals = copy_certificate_files(config, str(tmp_path))
+    assert originals == {} and list(tmp_path.iterdir()) == []
+    assert workers.server.tls.cert == "/no/such.crt"
+
+
+def test_copies_are_named_after_the_operators_files(pair: tuple[str, str], tmp_path: Path) -> None:
+    config = parse_config(
+        {"server": {"tls": {"enabled": True, "cert": pair[0], "key": pair[1]}}}, source="gw.yaml"
+    )
+    workers, originals = copy_certificate_files(config, str(tmp_path))
+    copy = workers.server.tls.cert
+    assert copy is not None and copy != pair[0]
+    Path(copy).write_bytes(b"garbage")
+    try:
+        error = expect_error(workers.server.tls, "server.tls.cert", pair[0], "no PEM")
+        assert copy not in str(error)
+    finally:
+        forget_copies(originals)
+    # Forgotten (the copies are deleted): the path is shown as it is.
+    expect_error(workers.server.tls, "server.tls.cert", copy, "no PEM")
+
+
+def test_copy_of_an_unreadable_file_names_key_and_file(
+    pair: tuple[str, str], tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "missing.key")
+    config = parse_config(
+        {"server": {"tls": {"enabled": True, "cert": pair[0], "key": missing}}}, source="gw.yaml"
+    )
+    directory = tmp_path / "copies"
+    directory.mkdir()
+    with pytest.raises(ConfigError) as caught:
+        copy_certificate_files(config, str(directory))
+    assert caught.value.key == "server.tls.key"
+    assert missing in caught.value.problem and "No such file" in caught.value.problem
+
+
+def test_manager_keeps_the_copies_of_the_accepted_config(ca: trustme.CA, tmp_path: Path) -> None:
+    """accept_config: a refused config leaves the accepted copies; an accepted one replaces them."""
+    from bungate.cluster.manager import ClusterManager
+    from bungate.observe import check_startup
+
+    def config_for(cert: str, key: str) -> Any:
+        return parse_config(
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": 0,
+                    "tls": {"enabled": True, "cert": cert, "key": key},
+                },
+                "cluster": {"enabled": True, "workers": 1},
+            },
+            source="gw.yaml",
+        )
+
+    first = ca.issue_cert("localhost")
+    cert, key = write_pair(first, tmp_path, "server")
+    manager = ClusterManager(config_for(cert, key), reactor=reactor)
+    check_startup(manager.config, manager)  # as the master does before it starts
+
+    def worker_tls() -> TLSConfig:
+        env = manager._worker_env(manager._new_slot())
+        built = parse_config(json.loads(env["BUNGATE_CONFIG"]), env["BUNGATE_CONFIG_SOURCE"])
+        # ... and the worker is told which operator's file each copy stands for.
+        named = json.loads(env["BUNGATE_TLS_COPIES"])
+        assert (named[built.server.tls.cert], named[built.server.tls.key]) == (cert, key)
+        return built.server.tls
+
+    def copy_dirs(root: Path) -> list[Path]:
+        return sorted(root.iterdir()) if root.exists() else []
+
+    tls = worker_tls()
+    assert tls.cert is not None and tls.key is not None
+    first_copies = Path(tls.cert).parent
+    root = first_copies.parent
+    assert Path(tls.cert).read_bytes() == Path(cert).read_bytes()
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert first_copies.stat().st_mode & 0o777 == 0o700
+
+    # The operator overwrites the certificate with garbage: refused, naming their file.
+    Path(cert).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
+    with pytest.raises(ConfigError) as caught:
+        manager.accept_config(config_for(cert, key))
+    assert caught.value.key == "server.tls.cert" and cert in str(caught.value)
+    assert str(root) not in str(caught.value)
+    assert worker_tls() == tls and copy_dirs(root) == [first_copies]
+    check_tls(tls, "gw.yaml")  # the copy still holds the accepted certificate
+
+    # Fixed in place: accepted; new copies, and the old ones are gone (no worker booting).
+    second = ca.issue_cert("localhost")
+    write_pair(second, tmp_path, "server")
+    manager.accept_config(config_for(cert, key))
+    new_tls = worker_tls()
+    assert new_tls.cert is not None and Path(new_tls.cert).read_bytes() == Path(cert).read_bytes()
+    assert copy_dirs(root) == [Path(new_tls.cert).parent]
+
+    # Stopping the master removes the whole directory.
+    stopped = manager.stop()
+    assert stopped.called
+    assert not root.exists()

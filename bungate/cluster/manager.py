@@ -5,6 +5,10 @@ The cluster master: binds the listeners once, runs and supervises the fleet.
 worker with ``reactor.spawnProcess``, passing the sockets and a control socketpair as
 ``childFDs``. It scales the fleet, rolls it (surge-first, readiness-gated), reloads the
 config, answers signals and stops it with a drain. It never parses a request.
+
+Workers load their certificate, key and CA files from the master's private copies, made
+when the master accepts a config (:meth:`ClusterManager.accept_config`), so a file that
+changes on disk reaches no worker until a reload accepts it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
@@ -110,6 +115,13 @@ def _as_gateway_config(config: Any) -> GatewayConfig:
     raise TypeError(f"expected a config mapping or GatewayConfig, got {type(config).__name__}")
 
 
+def _check_certificate_files(config: GatewayConfig) -> None:
+    from bungate.tls import check_tls, check_upstream_tls
+
+    check_tls(config.server.tls, config.source)
+    check_upstream_tls(config.routes, config.source)
+
+
 class ClusterManager:
     """
     Runs the fleet of workers.
@@ -171,6 +183,14 @@ class ClusterManager:
         self._previous_signals: dict[int, Any] = {}
         self._python = self._resolve_python(self.config.cluster.python)
         self.started = False
+        # What workers are started with: self.config pointing at the private copies of
+        # its certificate files (None until a config has been accepted).
+        self._worker_config: Optional[GatewayConfig] = None
+        self._generation = 0  # how many configs were accepted
+        self._copies_dir: Optional[str] = None  # the private directory of this run
+        # generation -> (its subdirectory, {copy: original})
+        self._copies: dict[int, tuple[str, dict[str, str]]] = {}
+        self._booting: dict[int, int] = {}  # slot id -> generation its process started with
 
     # --- events -----------------------------------------------------------------------
 
@@ -198,6 +218,11 @@ class ClusterManager:
             self.metrics.worker_restarted(fields["worker_id"])
         if event in ("worker-state", "worker-failed"):
             self._share_fleet()
+        if event in ("worker-ready", "worker-exit"):
+            # A worker reads its files before it reports READY: once ready (or gone),
+            # it needs them no more.
+            self._booting.pop(fields["worker_id"], None)
+            self._prune_copies()
         for callback in list(self._handlers.get(event, ())):
             try:
                 if event == "worker-exit":
@@ -218,11 +243,14 @@ class ClusterManager:
         Bind the listeners and start the fleet.
 
         Fires once every initial worker is running or has failed; fails with
-        :class:`ClusterError` if none became ready.
+        :class:`ClusterError` if none became ready, or if the config was not accepted
+        yet (see :meth:`accept_config`) and is refused now.
         """
         try:
+            if self._worker_config is None:
+                self.accept_config(self.config)
             self._bind()
-        except OSError as e:
+        except (OSError, ConfigError) as e:
             return defer.fail(ClusterError(str(e)))
         self.started = True
         slots = [self._new_slot() for _ in range(self.desired)]
@@ -247,7 +275,9 @@ class ClusterManager:
 
     def _bind(self) -> None:
         server = self.config.server
-        wanted: list[tuple[str, str, str, int]] = [("main", "server.port", server.host, server.port)]
+        wanted: list[tuple[str, str, str, int]] = [
+            ("main", "server.port", server.host, server.port)
+        ]
         redirect = server.tls.redirect_http if server.tls.enabled else None
         if redirect is not None:
             wanted.append(("redirect", "server.tls.redirect_http.port", server.host, redirect.port))
@@ -263,7 +293,9 @@ class ClusterManager:
                 for sock in self.listeners.values():
                     sock.close()
                 self.listeners.clear()
-                raise OSError(f"cannot listen on {host}:{port} ({key}): {e.strerror or e}") from None
+                raise OSError(
+                    f"cannot listen on {host}:{port} ({key}): {e.strerror or e}"
+                ) from None
         main = self.listeners["main"]
         self.address = main.getsockname()[:2]
         self.log.info(
@@ -304,11 +336,19 @@ class ClusterManager:
             CLUSTER_WORKER="true",
             CLUSTER_WORKER_ID=str(slot.id),
             BUNGATE_MASTER_PID=str(os.getpid()),
-            BUNGATE_CONFIG=json.dumps(self.config.raw, default=str),
+            BUNGATE_CONFIG=json.dumps(self._config_for_workers().raw, default=str),
             BUNGATE_CONFIG_SOURCE=self.config.source,
             BUNGATE_FDS=",".join(f"{n}={fd}" for n, fd in fds.items()),
         )
+        copies = self._copies.get(self._generation)
+        if copies is not None:
+            env["BUNGATE_TLS_COPIES"] = json.dumps(copies[1])
+        else:
+            env.pop("BUNGATE_TLS_COPIES", None)
         return env
+
+    def _config_for_workers(self) -> GatewayConfig:
+        return self._worker_config if self._worker_config is not None else self.config
 
     def _spawn(self, slot: WorkerSlot) -> Any:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -329,6 +369,7 @@ class ClusterManager:
             # where setproctitle cannot rewrite the command line (PyPy).
             args = [self._python, "-m", "bungate.cluster", f"bungate worker {slot.id}"]
         protocol = WorkerProtocol(slot, self._line)
+        self._booting[slot.id] = self._generation
         try:
             transport = self.reactor.spawnProcess(
                 protocol, self._python, args, env=self._worker_env(slot), childFDs=child_fds
@@ -548,10 +589,10 @@ class ClusterManager:
         try:
             config = self.config_loader()
             self._check_reloadable(config)
+            self.accept_config(config)
         except Exception as e:
             self._emit("reload-refused", error=str(e))
             return defer.succeed(False)
-        self.config = config
         self._emit("reload-ok", source=config.source)
         d = self.rolling_restart()
 
@@ -571,10 +612,86 @@ class ClusterManager:
                 "server.port",
                 "the listening address cannot change on reload (restart the master)",
             )
-        if self.validate_config is not None:
-            self.validate_config(config)
 
     validate_config: Optional[Callable[[GatewayConfig], None]] = None
+    """
+    Checks a config before it is accepted; raises :class:`ConfigError`. ``None`` checks
+    the certificate, key and CA files only.
+    """
+
+    # --- the accepted config and its private copies of the certificate files ---------
+
+    def accept_config(self, config: GatewayConfig) -> None:
+        """
+        Check ``config`` and make it the one every worker started from now on gets.
+
+        The certificate, key and CA files it names (see
+        :func:`bungate.tls.certificate_files`) are read once and copied into a new
+        subdirectory of this run's private directory (``tempfile.mkdtemp``, mode 0700,
+        files 0600); :attr:`validate_config` then checks the config that points at the
+        copies, i.e. the very bytes workers will load. A file overwritten later on disk
+        therefore reaches no worker (a respawned one included) until a reload accepts it.
+
+        :raises ConfigError: when the config is refused (naming the operator's files);
+            the current config and its copies stay as they were.
+        """
+        from bungate import tls
+
+        validate = self.validate_config or _check_certificate_files
+        generation = self._generation + 1
+        copies: Optional[tuple[str, dict[str, str]]] = None
+        worker_config = config
+        if tls.certificate_files(config):
+            directory = self._new_copies_dir(generation)
+            try:
+                worker_config, originals = tls.copy_certificate_files(config, directory)
+                copies = (directory, originals)
+                validate(worker_config)
+            except BaseException:
+                self._drop_copies(directory, copies[1] if copies else {})
+                raise
+            self._copies[generation] = copies
+        else:
+            validate(config)
+        self._generation = generation
+        self.config = config
+        self._worker_config = worker_config
+        if copies is not None:
+            self.log.info(
+                "Workers will load {count} certificate/key/CA file(s) from copies in {directory}",
+                count=len(copies[1]),
+                directory=copies[0],
+            )
+        self._prune_copies()
+
+    def _new_copies_dir(self, generation: int) -> str:
+        if self._copies_dir is None:
+            self._copies_dir = tempfile.mkdtemp(prefix="bungate-tls-")
+        return tempfile.mkdtemp(prefix=f"{generation}-", dir=self._copies_dir)
+
+    def _drop_copies(self, directory: str, originals: Mapping[str, str]) -> None:
+        from bungate import tls
+
+        tls.forget_copies(originals)
+        shutil.rmtree(directory, ignore_errors=True)
+        if self._copies_dir is not None and not self._copies:
+            shutil.rmtree(self._copies_dir, ignore_errors=True)
+            self._copies_dir = None
+
+    def _prune_copies(self) -> None:
+        """Delete the copies of older configs once no booting worker may still read them."""
+        needed = {self._generation, *self._booting.values()}
+        for generation in [g for g in self._copies if g not in needed]:
+            directory, originals = self._copies.pop(generation)
+            self._drop_copies(directory, originals)
+
+    def _remove_copies(self) -> None:
+        for directory, originals in self._copies.values():
+            self._drop_copies(directory, originals)
+        self._copies.clear()
+        if self._copies_dir is not None:
+            shutil.rmtree(self._copies_dir, ignore_errors=True)
+            self._copies_dir = None
 
     # --- signals ----------------------------------------------------------------------
 
@@ -636,6 +753,7 @@ class ClusterManager:
             self.listeners.clear()
             self.restore_signal_handlers()
             self._prune()
+            self._remove_copies()
             self.log.info("All workers stopped")
             stopping.fire(None)
 

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import sys
 import warnings
 from collections import Counter
@@ -32,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from bungate.config import TLSConfig
+from bungate.testing import wait_until
 from bungate.tls import server_tls_factory
 from tests.integration.conftest import cluster_config
 
@@ -325,11 +327,6 @@ def test_sighup_reloads_certificate(
     assert gw.count(r"Rolling restart started", since=mark) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers read the cert files again when they start: after a refused reload "
-    "(broken files in place) a respawned worker cannot start (see docs/tls.md)",
-)
 @pytest_twisted.inlineCallbacks
 def test_respawn_after_refused_reload_keeps_old_certificate(
     reactor: Any, upstream: Any, gateways: Any, ca: trustme.CA, ca_file: str, tmp_path: Path
@@ -343,16 +340,84 @@ def test_respawn_after_refused_reload_keeps_old_certificate(
     yield gw.wait_for(r"Configuration reload refused", since=mark)
 
     # The master promised to keep serving the old certificate: a worker that crashes
-    # now must come back with it.
+    # now must come back with it ...
     os.kill(gw.workers()[1], signal.SIGKILL)
     outcome = yield gw.wait_for(
         r"Worker 1 (ready|exited \(pid \d+\): boot-failure)", since=mark, timeout=10
     )
     assert outcome.group(1) == "ready", "\n".join(gw.lines[mark:])
-    infos = yield defer.gatherResults(
-        [in_thread(https_get, gw.port, "/health", client_context(ca_file)) for _ in range(8)]
+    # ... and so must a worker added now.
+    gw.signal(signal.SIGTTIN)
+    outcome = yield gw.wait_for(
+        r"Worker 3 (ready|exited \(pid \d+\): boot-failure)", since=mark, timeout=10
     )
-    assert {i["serial"] for i in infos} == {serial_of(leaf)}
+    assert outcome.group(1) == "ready", "\n".join(gw.lines[mark:])
+    serials = yield serials_by_worker(gw.port, client_context(ca_file), {"1", "2", "3"})
+    assert serials == {"1": {serial_of(leaf)}, "2": {serial_of(leaf)}, "3": {serial_of(leaf)}}
+
+
+@defer.inlineCallbacks
+def serials_by_worker(port: int, ctx: ssl.SSLContext, ids: set[str]) -> Iterator[Any]:
+    """The certificate serials each worker served, over new connections until all of
+    ``ids`` have answered (at most 10 bursts of 12)."""
+    seen: dict[str, set[int]] = {}
+    for _ in range(10):
+        infos = yield defer.gatherResults(
+            [in_thread(https_get, port, "/health", ctx) for _ in range(12)]
+        )
+        for info in infos:
+            assert info["status"] == 200, info
+            seen.setdefault(json.loads(info["body"])["worker_id"], set()).add(info["serial"])
+        if ids <= set(seen):
+            break
+    return seen
+
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_copies_are_private_and_removed(
+    reactor: Any, upstream: Any, gateways: Any, ca: trustme.CA, ca_file: str, tmp_path: Path
+) -> Iterator[Any]:
+    first_leaf = ca.issue_cert("127.0.0.1", common_name="bungate-first")
+    cert, key = write_pair(first_leaf, tmp_path, "server")
+    gw = yield gateways(tls_cluster_config(upstream.url, cert, key)).start()
+    copies_line = r"Workers will load 2 certificate/key/CA file\(s\) from copies in (\S+)"
+    first = Path((yield gw.wait_for(copies_line)).group(1))
+    root = first.parent
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(first.stat().st_mode) == 0o700
+    copies = sorted(first.iterdir())
+    assert sorted(p.read_bytes() for p in copies) == sorted(
+        Path(p).read_bytes() for p in (cert, key)
+    )
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in copies)
+    snapshot = {p: p.read_bytes() for p in copies}
+
+    # A refused reload makes no copies and leaves the accepted ones alone.
+    Path(cert).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
+    mark = gw.mark()
+    gw.signal(signal.SIGHUP)
+    refused = yield gw.wait_for(r"Configuration reload refused.*", since=mark)
+    assert cert in refused.group(0) and str(root) not in refused.group(0)
+    assert sorted(root.iterdir()) == [first]
+    assert {p: p.read_bytes() for p in first.iterdir()} == snapshot
+
+    # An accepted reload (files fixed in place) copies them again; the fleet rolls onto
+    # the new copies and the old ones are deleted.
+    second_leaf = ca.issue_cert("127.0.0.1", common_name="bungate-second")
+    write_pair(second_leaf, tmp_path, "server")
+    mark = gw.mark()
+    gw.signal(signal.SIGHUP)
+    second = Path((yield gw.wait_for(copies_line, since=mark)).group(1))
+    assert second.parent == root and second != first
+    yield gw.wait_for(r"Rolling restart done", since=mark)
+    yield wait_until(reactor, lambda: not first.exists(), what="the old copies to go")
+    assert sorted(root.iterdir()) == [second]
+    serials = yield serials_by_worker(gw.port, client_context(ca_file), {"3", "4"})
+    assert set().union(*serials.values()) == {serial_of(second_leaf)}
+
+    # The master removes its directory when it stops.
+    yield gw.stop()
+    assert not root.exists()
 
 
 @pytest_twisted.inlineCallbacks
