@@ -38,6 +38,7 @@ from zope.interface import implementer
 from bungate.config import GatewayConfig, RouteConfig
 from bungate.extensions import run_request_middlewares, run_response_middlewares
 from bungate.interfaces import Middleware, UpstreamRequest
+from bungate.logging import request_id
 from bungate.routing import Router
 from bungate.upstream import UpstreamClient, UpstreamError, UpstreamReset, serialize_head
 from bungate.web import GatewayRequest, json_response
@@ -265,11 +266,7 @@ class Dispatcher:
             request.finish()
             return
         incoming = request.requestHeaders.getRawHeaders(b"x-request-id")
-        rid = (
-            incoming[0]
-            if incoming and 0 < len(incoming[0]) <= 200
-            else os.urandom(8).hex().encode()
-        )
+        rid = request_id(incoming[0] if incoming else None)
         request.request_id = rid
         request.responseHeaders.setRawHeaders(b"x-request-id", [rid])
         if b"/." in path and _has_dot_segment(path):

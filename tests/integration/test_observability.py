@@ -13,7 +13,6 @@ import socket
 from collections import Counter
 from typing import Any, Optional
 
-import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
@@ -417,11 +416,6 @@ def test_request_id_travels_upstream_and_back(reactor, upstream, gateways):
     yield r.content()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.Dispatcher makes its own id instead of bungate.logging.request_id(): "
-    "an incoming id with spaces is kept and breaks the text access line's id= field",
-)
 @pytest_twisted.inlineCallbacks
 def test_request_id_with_spaces_is_replaced(reactor, upstream, gateways):
     gw = yield gateways(cluster_config(upstream.url, workers=1)).start()
