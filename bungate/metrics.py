@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -159,7 +158,10 @@ def prepare_multiprocess_dir(path: Optional[str] = None) -> str:
     :return: the absolute path of the directory.
     """
     if path is None:
-        path = tempfile.mkdtemp(prefix="bungate-metrics-")
+        from bungate._rundir import make_run_dir, sweep_stale_run_dirs
+
+        sweep_stale_run_dirs("metrics")
+        path = make_run_dir("metrics")
     else:
         path = os.path.abspath(path)
         os.makedirs(path, exist_ok=True)

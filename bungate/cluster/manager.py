@@ -666,7 +666,13 @@ class ClusterManager:
 
     def _new_copies_dir(self, generation: int) -> str:
         if self._copies_dir is None:
-            self._copies_dir = tempfile.mkdtemp(prefix="bungate-tls-")
+            from bungate._rundir import make_run_dir, sweep_stale_run_dirs
+
+            for stale in sweep_stale_run_dirs("tls"):
+                self.log.info(
+                    "Removed certificate copies left by a dead master: {path}", path=stale
+                )
+            self._copies_dir = make_run_dir("tls")
         return tempfile.mkdtemp(prefix=f"{generation}-", dir=self._copies_dir)
 
     def _drop_copies(self, directory: str, originals: Mapping[str, str]) -> None:
