@@ -10,8 +10,10 @@ woken by the kernel gets its turn and the load spreads evenly.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
-from typing import Any
+from typing import Any, Iterator
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
@@ -58,13 +60,38 @@ def adopt_port(reactor: Any, fd: int, factory: Any, balanced: bool = True) -> IL
     The descriptor is duplicated; the caller may close ``fd`` afterwards. Stopping the
     port closes only this process's copy: the socket stays open for the others.
     """
-    probe = socket.socket(fileno=fd)
-    try:
-        family = probe.family
-    finally:
-        probe.detach()
-    if not balanced or family not in (socket.AF_INET, socket.AF_INET6):
-        return reactor.adoptStreamPort(fd, family, factory)  # type: ignore[no-any-return]
-    port = BalancedPort._fromListeningDescriptor(reactor, fd, family, factory)
-    port.startListening()
+    with _nonblocking_default():
+        probe = socket.socket(fileno=fd)
+        try:
+            family = probe.family
+        finally:
+            probe.detach()
+        if not balanced or family not in (socket.AF_INET, socket.AF_INET6):
+            port = reactor.adoptStreamPort(fd, family, factory)
+        else:
+            port = BalancedPort._fromListeningDescriptor(reactor, fd, family, factory)
+            port.startListening()
+    # Belt and braces: whatever wrapped the descriptor, the shared socket stays non-blocking.
+    os.set_blocking(port.fileno(), False)
     return port  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _nonblocking_default() -> Iterator[None]:
+    """
+    Make socket objects created meanwhile non-blocking, not blocking.
+
+    PyPy applies the default timeout to the descriptor of every socket object it wraps
+    around an existing fd (``socket.socket(fileno=...)``, ``socket.fromfd``): with the
+    default (``None``, blocking) it clears ``O_NONBLOCK``. That flag belongs to the open
+    file description, which the master and every worker share: one PyPy worker starting
+    would turn the listening socket blocking for the whole fleet, and a worker that lost
+    the race for a connection would then sleep in ``accept()`` until the next one came,
+    with the connections it already accepted unanswered. CPython never touches the flag.
+    """
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
