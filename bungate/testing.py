@@ -401,8 +401,11 @@ def find_workers(master_pid: int) -> dict[int, int]:
     """
     ``{worker_id: pid}`` for the live children of ``master_pid`` (Linux /proc).
 
-    Workers are recognised by their process title, ``bungate worker <id>`` (setproctitle
-    reuses the environment's memory, so /proc/PID/environ is no help).
+    Workers are recognised by their process title, ``bungate worker <id>``: the built-in
+    worker carries it as its last argument, and setproctitle sets it on CPython (reusing
+    the environment's memory, so /proc/PID/environ is no help there). A worker started
+    from a user's script on PyPy has neither (setproctitle is a no-op on PyPy), but its
+    environment is intact: ``CLUSTER_WORKER=true`` and ``CLUSTER_WORKER_ID=<id>``.
     """
     found: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -420,7 +423,24 @@ def find_workers(master_pid: int) -> dict[int, int]:
         m = re.search(rb"bungate worker (\d+)$", title)
         if m:
             found[int(m.group(1))] = int(entry)
+            continue
+        wid = _worker_id_from_environ(int(entry))
+        if wid is not None:
+            found[wid] = int(entry)
     return found
+
+
+def _worker_id_from_environ(pid: int) -> Optional[int]:
+    """The ``CLUSTER_WORKER_ID`` of a worker whose environment is still readable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.partition(b"=")[::2] for item in f.read().split(b"\0") if item)
+    except OSError:
+        return None
+    wid = env.get(b"CLUSTER_WORKER_ID", b"")
+    if env.get(b"CLUSTER_WORKER") == b"true" and wid.isdigit():
+        return int(wid)
+    return None
 
 
 _ = error  # re-exported for tests that match connection errors
