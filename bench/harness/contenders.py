@@ -4,17 +4,20 @@ Each contender is a server on 127.0.0.1 that we start in its own session, wait f
 real request, load, measure through /proc, and kill with its whole process tree.
 """
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import probe, procs
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(BENCH_DIR)
+#: The PyPy environment ``bench/run --setup-pypy`` makes (git-ignored).
+PYPY_VENV = os.path.join(BENCH_DIR, ".pypy-venv")
 
 #: The upstream's body for ``GET /``: 13 bytes.
 BODY = "Hello, World!"
@@ -144,7 +147,7 @@ class Contender:
         """:return: the last lines of the server's output, for error messages."""
         try:
             with open(self.log_path, errors="replace") as f:
-                tail = f.read().strip().splitlines()[-lines:]
+                tail = [_readable(line) for line in f.read().strip().splitlines()[-lines:]]
         except OSError:
             return ""
         return ("\n    | " + "\n    | ".join(tail)) if tail else ""
@@ -305,27 +308,28 @@ class Bungate(Contender):
         upstream_port: int,
         python: str,
         workers: int,
-        worker_python: Optional[str] = None,
+        pypy: bool = False,
     ) -> None:
         """
         :param workdir: a private temporary directory.
         :param upstream_port: the upstream nginx's port.
         :param python: the master's interpreter.
         :param workers: ``cluster.workers``.
-        :param worker_python: ``cluster.python`` (e.g. ``pypy3``), or ``None``.
+        :param pypy: workers on PyPy (``cluster.python``: the first of
+            :func:`pypy_candidates` that can import bungate and Twisted).
         """
         super().__init__(workdir)
         self.upstream_port = upstream_port
         self.python = python
         self.workers = workers
-        self.worker_python = worker_python
-        suffix = "-pypy" if worker_python else ""
-        self.name = f"bungate-{workers}w{suffix}"
+        self.pypy = pypy
+        self.worker_python: Optional[str] = None
+        self.name = f"bungate-{workers}w" + ("-pypy" if pypy else "")
         self.config_path = os.path.join(workdir, "gateway.yaml")
 
     def config(self) -> str:
         """:return: the gateway's YAML config."""
-        python = f", python: {self.worker_python}" if self.worker_python else ""
+        python = f", python: {json.dumps(self.worker_python)}" if self.worker_python else ""
         return _BUNGATE_CONFIG.format(
             port=self.port,
             workers=self.workers,
@@ -334,17 +338,58 @@ class Bungate(Contender):
         )
 
     def check(self) -> None:
-        """:raises Skip: when the worker interpreter cannot import bungate and Twisted."""
-        if self.worker_python:
-            reason = import_check(self.worker_python, "bungate, twisted.web")
-            if reason:
+        """:raises Skip: when no PyPy can import bungate and Twisted (PyPy contender only)."""
+        if self.pypy:
+            python, reason = find_pypy()
+            if python is None:
                 raise Skip(reason)
+            self.worker_python = python
 
     def command(self) -> List[str]:
-        """:return: ``<python> -m twisted bungate --config FILE``."""
+        """
+        :return: ``<python> -m twisted --log-format json --log-level info bungate --config
+            FILE``: the workers log at ``warn`` (the config's ``logger.level``), the
+            master's own lifecycle lines (spawn, ready, exit, rolls) come as JSON with
+            ``log_time`` for :meth:`events`.
+        """
         with open(self.config_path, "w") as f:
             f.write(self.config())
-        return [self.python, "-m", "twisted", "bungate", "--config", self.config_path]
+        return [
+            self.python, "-m", "twisted", "--log-format", "json", "--log-level", "info",
+            "bungate", "--config", self.config_path,
+        ]  # fmt: skip
+
+    def log_mark(self) -> int:
+        """:return: the current end of the master's output, for :meth:`events`."""
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def events(self, since: int = 0) -> List[Dict[str, object]]:
+        """
+        The master's lifecycle events from its JSON log.
+
+        :param since: a :meth:`log_mark` to read from.
+        :return: ``{"event": "worker-ready", "log_time": <time.time()>, "worker_id": .., "pid":
+            ..}`` and the like (``worker-spawn``, ``worker-exit``, ``roll-start``,
+            ``roll-done``, ``roll-aborted``, ...), in order.
+        """
+        found = []
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                data = f.read()
+        except OSError:
+            return found
+        for raw in data.splitlines():
+            try:
+                event = json.loads(raw.lstrip(b"\x1e"))  # RFC 7464 record separators
+            except ValueError:
+                continue
+            if isinstance(event, dict) and "event" in event and "log_time" in event:
+                found.append(event)
+        return found
 
     def env(self) -> Dict[str, str]:
         """:return: our environment, with unbuffered output for readable logs."""
@@ -358,3 +403,101 @@ def default_python() -> str:
     :return: ``$BUNGATE_PYTHON``, else the interpreter running this script.
     """
     return os.environ.get("BUNGATE_PYTHON") or sys.executable
+
+
+def _readable(line: str) -> str:
+    """A JSON log line (twist ``--log-format json``) as its message; other lines as they are."""
+    try:
+        event = json.loads(line.lstrip("\x1e"))
+        return str(event["log_format"]).format(**event)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return line
+
+
+def pypy_candidates() -> List[str]:
+    """
+    Interpreters to try for the PyPy workers, in order.
+
+    :return: ``[$BUNGATE_PYPY]`` when set; else ``bench/.pypy-venv`` (``--setup-pypy``),
+        tox's ``.tox/pypy3`` (there after ``tox``, as in CI) and plain ``pypy3``.
+    """
+    chosen = os.environ.get("BUNGATE_PYPY")
+    if chosen:
+        return [chosen]
+    return [
+        os.path.join(PYPY_VENV, "bin", "python"),
+        os.path.join(REPO_DIR, ".tox", "pypy3", "bin", "python"),
+        "pypy3",
+    ]
+
+
+_PYPY: Dict[str, Tuple[Optional[str], str]] = {}
+
+
+def find_pypy() -> Tuple[Optional[str], str]:
+    """
+    The first PyPy that can import bungate's dependencies and bungate (from the repository).
+
+    :return: ``(interpreter, "")``, or ``(None, why each candidate was refused)``.
+    """
+    if "result" in _PYPY:
+        return _PYPY["result"]
+    refused = []
+    for python in pypy_candidates():
+        reason = import_check(python, "bungate, twisted.web")
+        if reason is None and not is_pypy(python):
+            reason = f"{python} is not PyPy"
+        if reason is None:
+            _PYPY["result"] = (python, "")
+            return _PYPY["result"]
+        refused.append(reason)
+    hint = "make one with `bench/run --setup-pypy` or set BUNGATE_PYPY"
+    _PYPY["result"] = (None, "; ".join(refused) + f" ({hint})")
+    return _PYPY["result"]
+
+
+def is_pypy(python: str) -> bool:
+    """:return: whether ``python`` is a PyPy interpreter."""
+    try:
+        out = subprocess.run(
+            [python, "-c", "import platform; print(platform.python_implementation())"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.stdout.strip() == "PyPy"
+
+
+def setup_pypy(log) -> int:
+    """
+    Make ``bench/.pypy-venv``: a PyPy venv with this repository installed (not editable).
+
+    The workers import bungate from the repository itself (they run with it as their
+    working directory), so the install only needs to bring the dependencies; re-run it
+    when they change.
+
+    :param log: progress output.
+    :return: an exit status.
+    """
+    pypy = shutil.which("pypy3")
+    if not pypy:
+        log("bench/run --setup-pypy: pypy3 is not on PATH (apt-get install pypy3)")
+        return 2
+    steps = [
+        [pypy, "-m", "venv", PYPY_VENV],
+        [
+            os.path.join(PYPY_VENV, "bin", "python"), "-m", "pip", "install", "-q",
+            "--only-binary=cryptography", REPO_DIR,
+        ],
+    ]  # fmt: skip
+    for argv in steps:
+        log("+ " + " ".join(argv))
+        if subprocess.run(argv, cwd=REPO_DIR).returncode != 0:
+            log("bench/run --setup-pypy: failed")
+            return 1
+    _PYPY.clear()
+    python, reason = find_pypy()
+    log(f"PyPy workers will use {python}" if python else f"still no usable PyPy: {reason}")
+    return 0 if python else 1

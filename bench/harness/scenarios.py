@@ -11,7 +11,7 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import probe, procs, wrk
 from .contenders import PATH_1MIB, PATH_100MIB, PATH_SMALL, Contender
@@ -25,6 +25,9 @@ class Settings:
     warmup: int = 2
     warmup_1mib: int = 2
     warmup_oneoff: int = 2
+    #: Extra warm-up before the first counted run of a PyPy contender: its JIT needs ~10 s
+    #: of load to reach a steady speed (measured: 20.8k req/s after 2 s, 24k after 7 s).
+    warmup_pypy: int = 10
     repeat: int = 3
     connections: int = 50
     ready_timeout: float = 30.0
@@ -54,7 +57,7 @@ class Memory:
                 continue
             self.peak[pid] = max(kib, self.peak.get(pid, 0))
             if pid not in self.titles:
-                self.titles[pid] = procs.cmdline(pid)[:60]
+                self.titles[pid] = procs.cmdline(pid)[:200]
 
     def merge(self, other: "Memory") -> None:
         """:param other: another sampling of the same contender; keep the maxima."""
@@ -168,8 +171,11 @@ def throughput(
                 status, _, _ = probe.get(c.port, path, timeout=10.0)
                 if status != 200:
                     raise RuntimeError(f"GET {path} answered {status}, not 200")
-                if warmup:
-                    wrk.run(c.url(path), warmup, settings.connections)
+                seconds = warmup
+                if rep == 0 and getattr(c, "pypy", False):
+                    seconds = max(warmup, settings.warmup_pypy)
+                if seconds:
+                    wrk.run(c.url(path), seconds, settings.connections)
                 runs[c.name].append(_measured_run(c, path, settings, settings.duration))
             except (wrk.WrkError, RuntimeError, OSError, http.client.HTTPException) as e:
                 errors[c.name] = str(e)
@@ -314,6 +320,7 @@ def roll(contender: Contender, settings: Settings) -> Dict[str, object]:
             os.kill(master, contender.roll_signal)
             sent.append(round(elapsed, 2))
 
+    mark = _log_mark(contender)
     proc = wrk.start(contender.url(PATH_SMALL), seconds, settings.connections)
     try:
         _during(proc, tick, 0.02)
@@ -326,6 +333,12 @@ def roll(contender: Contender, settings: Settings) -> Dict[str, object]:
         raise RuntimeError(f"only {len(sent)} of {n} signals were sent before wrk ended")
     # Let the last roll finish before we count the fleet.
     procs.wait_for(lambda: len(contender.worker_pids()) == contender.workers, timeout=5)
+    rolls = None
+    if mark is not None:
+        # bungate queues a roll asked for during one (one more runs afterwards): count
+        # what the master did, from its log.
+        procs.wait_for(lambda: _rolls(contender, mark)["busy"] == 0, timeout=30)
+        rolls = _rolls(contender, mark)
     return {
         "status": "ok",
         "signal": contender.roll_label,
@@ -333,7 +346,29 @@ def roll(contender: Contender, settings: Settings) -> Dict[str, object]:
         "worker_pids_seen": len(seen),
         "workers_after": len(contender.worker_pids()),
         "master_alive": contender.alive(),
+        "rolls": rolls,
         **result.as_dict(),
+    }
+
+
+def _log_mark(contender: Contender) -> Optional[int]:
+    """:return: where the master's event log ends now, or None without one (nginx)."""
+    mark = getattr(contender, "log_mark", None)
+    return mark() if mark else None
+
+
+def _rolls(contender: Contender, mark: int) -> Dict[str, int]:
+    """Rolls the master started, finished and aborted since ``mark``, from its log."""
+    kinds = [e["event"] for e in contender.events(mark)]  # type: ignore[attr-defined]
+    started = kinds.count("roll-start")
+    done = kinds.count("roll-done")
+    aborted = kinds.count("roll-aborted")
+    return {
+        "started": started,
+        "done": done,
+        "aborted": aborted,
+        "busy": started - done - aborted,
+        "workers_ready": kinds.count("worker-ready"),
     }
 
 
@@ -344,13 +379,15 @@ def kill_worker(contender: Contender, settings: Settings) -> Dict[str, object]:
     "spawned" is when a new child with the worker's process title appears; "serving" is
     when that new process holds a client connection: either one of our probe requests
     (a fresh connection, checked through /proc/net/tcp while still open) or one of wrk's.
+    For bungate, the master's own log adds when it saw the exit, spawned the replacement
+    and got its READY (``master_log``).
 
     :param contender: a running multi-worker contender.
     :param settings: run duration and how long to wait for the replacement.
     :return: wrk's figures and the two delays in ms.
     """
     seconds = settings.kill_duration
-    state: Dict[str, object] = {"killed": None, "t0": None, "new": None}
+    state: Dict[str, Any] = {"killed": None, "t0": None, "new": None}
     times: Dict[str, Optional[float]] = {"spawned_ms": None, "serving_ms": None}
     how = {"serving_seen_by": None}
     old: set = set()
@@ -361,6 +398,8 @@ def kill_worker(contender: Contender, settings: Settings) -> Dict[str, object]:
                 return
             old.update(contender.worker_pids())
             victim = min(old)
+            state["mark"] = _log_mark(contender)
+            state["wall"] = time.time()
             os.kill(victim, signal.SIGKILL)
             state["killed"], state["t0"] = victim, time.monotonic()
             return
@@ -411,14 +450,52 @@ def kill_worker(contender: Contender, settings: Settings) -> Dict[str, object]:
         raise RuntimeError(
             f"no replacement worker {what} within {settings.kill_timeout:.0f} s of the kill"
         )
+    logged = None
+    if state.get("mark") is not None:
+        logged = procs.wait_for(
+            lambda: _replacement(contender, state["mark"], state["killed"], state["wall"]),
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
+        logged = logged or _replacement(
+            contender, state["mark"], state["killed"], state["wall"], partial=True
+        )
     return {
         "status": "ok",
         "killed_pid": state["killed"],
         "new_pid": state["new"],
         **times,
         **how,
+        "master_log": logged,
         **result.as_dict(),
     }
+
+
+def _replacement(
+    contender: Contender, mark: int, victim: int, killed_at: float, partial: bool = False
+) -> Optional[Dict[str, object]]:
+    """
+    From the master's log: when it saw the victim exit, spawned its replacement, and got
+    the replacement's READY (it listens and answers its control channel), in ms after the
+    kill (``time.time()`` on both sides).
+
+    :param partial: return what was found even without the READY line.
+    :return: ``{"exit_ms", "spawn_ms", "ready_ms", "new_id", "new_pid", "exit"}``, or None
+        until the READY line is there (unless ``partial``).
+    """
+    found: Dict[str, object] = {}
+    new_pid = None
+    for e in contender.events(mark):  # type: ignore[attr-defined]
+        ms = round((float(e["log_time"]) - killed_at) * 1e3, 1)
+        if e["event"] == "worker-exit" and e.get("pid") == victim and "exit_ms" not in found:
+            found["exit_ms"] = ms
+            found["exit"] = f"{e.get('kind')}, {e.get('description')}"
+        elif e["event"] == "worker-spawn" and "exit_ms" in found and new_pid is None:
+            new_pid = e.get("pid")
+            found.update(spawn_ms=ms, new_id=e.get("worker_id"), new_pid=new_pid)
+        elif e["event"] == "worker-ready" and new_pid is not None and e.get("pid") == new_pid:
+            found["ready_ms"] = ms
+            return found
+    return found if partial and found else None
 
 
 __all__ = [
