@@ -153,7 +153,9 @@ class _Connection(Protocol):
         else:
             transport.write(exchange.request_head)
             body.seek(0)
-            FileSender().beginFileTransfer(body, transport)
+            # Stopped early when the upstream answers or drops the connection first; its
+            # Deferred then fails, which is no error of ours (the exchange reports it).
+            FileSender().beginFileTransfer(body, transport).addErrback(lambda _: None)
 
     # --- receiving --------------------------------------------------------------------
 

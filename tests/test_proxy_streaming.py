@@ -6,6 +6,7 @@ connection reuse afterwards, and relaying of body framing (length, chunked, none
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from typing import Any
 
@@ -155,3 +156,29 @@ def test_keepalive_client_many_requests_one_upstream_connection(gateway, upstrea
     assert codes == [200] * 50
     peers = {r.getClientAddress().port for r in upstream.requests}
     assert len(peers) == 1, peers
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_request_bodies_are_sent_from_twisteds_temporary_file(gateway, upstream):
+    """Bodies over 100 KB are spooled to a file by twisted.web; both framings arrive whole."""
+    body = bytes(range(256)) * 4096  # 1 MiB
+    head = b"POST /echo HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+    raw = yield threads.deferToThread(
+        raw_request, gateway.port, head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    status, _, answer = split(raw)
+    assert status == 200
+    assert json.loads(answer)["body"].encode("latin-1") == body
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 65536]), body[i : i + 65536])
+        for i in range(0, len(body), 65536)
+    )
+    raw = yield threads.deferToThread(
+        raw_request,
+        gateway.port,
+        head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n",
+    )
+    status, _, answer = split(raw)
+    doc = json.loads(answer)
+    assert status == 200 and doc["headers"]["content-length"] == [str(len(body))]
+    assert doc["body"].encode("latin-1") == body
