@@ -543,8 +543,22 @@ def server_tls_factory(config: TLSConfig, wrapped: IProtocolFactory) -> IProtoco
         _context(default, config, ciphers),
         {name: _context(pair, config, ciphers) for name, pair in by_name.items()},
     )
-    factory = TLSMemoryBIOFactory(cast(IOpenSSLServerConnectionCreator, creator), False, wrapped)
+    factory = _ServerTLSFactory(cast(IOpenSSLServerConnectionCreator, creator), False, wrapped)
     return cast(IProtocolFactory, factory)
+
+
+class _ServerTLSFactory(TLSMemoryBIOFactory):
+    """
+    ``TLSMemoryBIOFactory`` that leaves ALPN to our contexts.
+
+    Twisted before 26 (the newest PyPy 3.9 can install) sets its own ALPN callback on
+    every connection, replacing :func:`_select_alpn`: it agrees to ``h2`` when the wrapped
+    factory offers it, and answers a client offering only ``h2`` with an empty protocol
+    name, which OpenSSL 3 turns into a failed handshake.
+    """
+
+    def _applyProtocolNegotiation(self, connection: SSL.Connection) -> None:
+        pass
 
 
 # --- the plain-HTTP redirect listener ---------------------------------------------------
