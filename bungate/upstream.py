@@ -552,6 +552,7 @@ class UpstreamClient:
 
     def _factory(self, target: _Target) -> Factory:
         factory = Factory()
+        factory.noisy = False  # no "Starting factory" line per upstream connection
         factory.buildProtocol = lambda addr: _Connection(self, target)  # type: ignore[method-assign]
         return factory
 
