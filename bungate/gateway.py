@@ -316,7 +316,10 @@ def run(gateway: Optional[Gateway] = None) -> None:
             d.addErrback(failed)
 
         reactor.callWhenRunning(start)
-    reactor.run()
+    if child.in_worker():
+        child.run_worker_reactor(reactor)
+    else:
+        reactor.run()
     code = getattr(run, "exit_code", 0)
     if code:
         raise SystemExit(code)

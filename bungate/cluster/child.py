@@ -39,6 +39,7 @@ __all__ = [
     "in_worker",
     "listener_fds",
     "main",
+    "run_worker_reactor",
     "set_parent_death_signal",
     "silence_output",
     "worker_id",
@@ -220,6 +221,33 @@ class WorkerRuntime:
         return self.drain()
 
 
+def run_worker_reactor(reactor: Any) -> None:
+    """
+    Run a worker's reactor; SIGTERM and SIGINT start one drain, later ones are ignored.
+
+    Ctrl-C signals the whole process group, so a worker gets SIGINT and then the master's
+    SIGTERM while it already drains; Twisted's own handlers would call ``reactor.stop()``
+    twice and log a critical ``ReactorNotRunning``. A worker spawns no processes, so it
+    does without Twisted's SIGCHLD handling.
+    """
+    stopping = [False]
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stopping[0]:
+            return
+        stopping[0] = True
+        log.info("Received {signal}, draining", signal=signal.Signals(signum).name)
+        reactor.callFromThread(stop)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    reactor.run(installSignalHandlers=False)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """
     The built-in worker program (``python -m bungate.cluster``).
@@ -252,4 +280,4 @@ def main(argv: Optional[list[str]] = None) -> None:
         os._exit(3)
 
     d.addErrback(failed)
-    reactor.run()  # type: ignore[misc]  # interface method typed without self (see tap.py)
+    run_worker_reactor(reactor)

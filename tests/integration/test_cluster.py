@@ -153,6 +153,24 @@ def test_sigterm_lets_the_in_flight_request_finish_then_everything_exits(
 
 
 @pytest_twisted.inlineCallbacks
+def test_ctrl_c_drains_once_without_errors(reactor, upstream, gateways):
+    """Ctrl-C signals the whole process group: master and workers get SIGINT together."""
+    gw = yield gateways(cluster_config(upstream.url)).start()
+    workers = list(gw.workers().values())
+    pending = treq.get(gw.url + "/slow?delay=1.5", persistent=False)
+    yield wait_until(reactor, lambda: any(r.path == b"/slow" for r in upstream.requests), 10)
+    for pid in [gw.pid, *workers]:
+        os.kill(pid, signal.SIGINT)
+    r = yield pending
+    assert r.code == 200 and (yield r.content()) == b"slow done"
+    yield gw.wait_exit()
+    assert not any(alive(pid) for pid in workers)
+    output = "\n".join(gw.lines)
+    for bad in ("critical", "Traceback", "ReactorNotRunning", "Unhandled"):
+        assert bad not in output, output
+
+
+@pytest_twisted.inlineCallbacks
 def test_workers_exit_when_the_master_is_killed(reactor, upstream, gateways):
     gw = yield gateways(cluster_config(upstream.url, shutdown_timeout=5)).start()
     workers = list(gw.workers().values())
