@@ -132,13 +132,19 @@ class Options(usage.Options):
 
         observe.set_output(parent.get("logFile"))
 
+        logger_config = config.logger
+        if "--log-level" in argv:
+            # twist's level filters before our observer, which filters again by its own
+            # level: give it twist's, or a level above logger.level would show nothing.
+            level = getattr(parent.get("logLevel"), "name", None)
+            if level is not None:
+                logger_config = attrs.evolve(logger_config, level=level)
+        else:
+            parent["logLevel"] = _LEVELS[config.logger.level]
         if "--log-format" not in argv:
-            logger_config = config.logger
             parent["fileLogObserverFactory"] = lambda stream: make_observer(
                 logger_config, None, stream
             )
-        if "--log-level" not in argv:
-            parent["logLevel"] = _LEVELS[config.logger.level]
 
 
 class GatewayService(Service):

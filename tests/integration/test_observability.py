@@ -572,3 +572,14 @@ def test_failed_slot_is_logged_and_counted(reactor, upstream, gateways):
         assert total(samples, "bungate_workers_total", state="running") == 1
         assert total(samples, "bungate_workers_crashed_total") == 1
         assert total(samples, "bungate_workers_restarts_total") == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_twist_log_level_overrides_the_config_level(reactor, upstream, gateways):
+    """``twist --log-level info`` shows info lines even when ``logger.level`` is error."""
+    config = cluster_config(upstream.url, workers=1)
+    config["logger"]["level"] = "error"
+    gw = gateways(config, twist_args=["--log-level", "info"])
+    # start() waits for the master's info lines ("listening on", "Fleet ready")
+    yield gw.start(timeout=20)
+    assert gw.count(r"info.*Fleet ready") == 1
