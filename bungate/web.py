@@ -183,6 +183,19 @@ class GatewayChannel(http.HTTPChannel):
 
     site: Any  # the GatewaySite that built this channel
     _idle_call: Any = None
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        """
+        The local address, asked of the kernel once per connection.
+
+        ``twisted.web`` asks for it on every request, and a TCP transport answers with a
+        ``getsockname()`` system call each time.
+        """
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def connectionMade(self) -> None:
         """Register with the site."""
