@@ -249,6 +249,10 @@ class GatewayConfig:
     raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
 
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An RFC 6265 cookie name (an RFC 9110 token)."""
+
+
 # --- the built-in default config (used by `twist bungate` without --config) ------------
 
 DEFAULT_CONFIG: Mapping[str, Any] = {
@@ -580,10 +584,15 @@ def _load_balancer(r: _Reader) -> LoadBalancerConfig:
     )
     hr.done()
     sr = r.sub("sticky_session")
+    cookie = sr.string("cookie", "bungate_sticky") or "bungate_sticky"
+    if not _COOKIE_NAME.fullmatch(cookie):
+        raise sr.error(
+            "cookie", f"{cookie!r} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)"
+        )
     sticky = StickySessionConfig(
         enabled=sr.boolean("enabled", False),
-        cookie=sr.string("cookie", "bungate_sticky") or "bungate_sticky",
-        ttl=sr.number("ttl", 3600.0),
+        cookie=cookie,
+        ttl=sr.number("ttl", 3600.0, minimum=1.0),
     )
     sr.done()
     r.done()
@@ -634,6 +643,10 @@ def _route(source: str, index: int, item: object) -> RouteConfig:
         if given:
             problem = f"sets {' and '.join(given)}; a route takes exactly one of them"
         raise ConfigError(source, f"routes[{index}]", problem)
+    if handler is not None and breaker.enabled:
+        raise r.error(
+            "circuit_breaker", "guards upstreams; a handler route has none (use target)"
+        )
     r.done()
     return RouteConfig(
         pattern=pattern,

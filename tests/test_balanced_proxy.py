@@ -259,6 +259,25 @@ def test_breaker_opens_and_answers_503_without_touching_the_upstream() -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_breaker_on_a_plain_target_route() -> Any:
+    server = start_upstream("plain")
+    breaker = {"enabled": True, "failure_threshold": 2, "reset_timeout": 60}
+    route = {"pattern": "/*", "target": server.url, "circuit_breaker": breaker}
+    gw = yield start_gateway(gateway_config(route))
+    try:
+        for _ in range(2):
+            response, _ = yield get(gw.base + "/status/502")
+            assert response.code == 502
+        response, body = yield get(gw.base + "/status/200")
+        assert response.code == 503
+        assert json.loads(body)["reason"] == "circuit_open"
+        assert served(server) == 2
+    finally:
+        yield gw.close()
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_open_circuit_sends_traffic_to_the_other_targets() -> Any:
     bad, good = start_upstream("bad"), start_upstream("good")
     breaker = {"enabled": True, "failure_threshold": 1, "reset_timeout": 60}

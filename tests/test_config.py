@@ -43,6 +43,45 @@ def test_builtin_default_runs_a_cluster_with_an_echo_route():
         ),
         ({"logger": {"level": "loud"}}, "logger.level", "one of"),
         ({"routes": [{"pattern": "/a"}]}, "routes[0]", "needs one of"),
+        (
+            {
+                "routes": [
+                    {
+                        "pattern": "/a",
+                        "load_balancer": {
+                            "targets": [{"url": "http://h"}],
+                            "sticky_session": {"cookie": "a;b"},
+                        },
+                    }
+                ]
+            },
+            "routes[0].load_balancer.sticky_session.cookie",
+            "not a cookie name",
+        ),
+        (
+            {
+                "routes": [
+                    {
+                        "pattern": "/a",
+                        "load_balancer": {
+                            "targets": [{"url": "http://h"}],
+                            "sticky_session": {"ttl": 0},
+                        },
+                    }
+                ]
+            },
+            "routes[0].load_balancer.sticky_session.ttl",
+            "at least 1",
+        ),
+        (
+            {
+                "routes": [
+                    {"pattern": "/a", "handler": "m:f", "circuit_breaker": {"enabled": True}}
+                ]
+            },
+            "routes[0].circuit_breaker",
+            "handler",
+        ),
         ({"routes": [{"pattern": "/a", "target": "ftp://x"}]}, "routes[0].target", "http://"),
         ({"routes": [{"pattern": "/a", "target": "http://"}]}, "routes[0].target", "no host"),
         (
