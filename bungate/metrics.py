@@ -90,7 +90,7 @@ DURATION_BUCKETS = (
 )
 """Buckets of ``bungate_request_duration_seconds``, in seconds."""
 
-UPSTREAM_ERROR_KINDS = frozenset({"refused", "timeout", "reset", "other"})
+UPSTREAM_ERROR_KINDS = frozenset({"refused", "timeout", "reset", "dns", "other"})
 """The values of the ``kind`` label; anything else is counted as ``other``."""
 
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
