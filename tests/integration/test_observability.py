@@ -66,13 +66,19 @@ def scrape(url: str) -> Any:
 
 
 @defer.inlineCallbacks
-def load(gw: Any, tag: str, count: int, batch: int = 20) -> Any:
-    """Send ``count`` proxied GETs in concurrent batches over new connections."""
+def load(gw: Any, tag: str, count: int, batch: int = 20, start: int = 0) -> Any:
+    """
+    Send ``count`` proxied GETs in concurrent batches over new connections, numbered
+    ``?i=start`` onwards (so the access lines of successive calls stay distinct).
+    """
     sent = 0
     while sent < count:
         n = min(batch, count - sent)
         responses = yield defer.gatherResults(
-            [treq.get(f"{gw.url}/{tag}?i={sent + i}", persistent=False) for i in range(n)]
+            [
+                treq.get(f"{gw.url}/{tag}?i={start + sent + i}", persistent=False)
+                for i in range(n)
+            ]
         )
         for r in responses:
             assert r.code == 200
@@ -100,7 +106,7 @@ def spread_load(reactor: Any, gw: Any, tag: str) -> Any:
     """
     sent = 0
     for _ in range(10):
-        sent += yield load(gw, tag, 40)
+        sent += yield load(gw, tag, 40, start=sent)
         yield wait_until(
             reactor,
             lambda n=sent: sum(served_by(gw, tag).values()) == n,
