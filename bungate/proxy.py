@@ -365,18 +365,7 @@ class Dispatcher:
             request.on_abort = None
             if request._disconnected:
                 return  # the client left and we cancelled the middleware
-            log.failure(
-                "A middleware failed on {method} {uri}",
-                reason,
-                method=request.method.decode("ascii", "replace"),
-                uri=request.uri.decode("latin-1"),
-                request_id=request.request_id.decode("latin-1"),
-            )
-            json_response(
-                request,
-                500,
-                {"error": "middleware_error", "request_id": request.request_id.decode("latin-1")},
-            )
+            self._middleware_failed(request, "request", reason)
 
         if self.middlewares:
             d = run_request_middlewares(self.middlewares, request, upstream)
@@ -606,9 +595,14 @@ class Dispatcher:
             },
         )
 
-    def _middleware_failed(self, request: GatewayRequest) -> None:
+    def _middleware_failed(
+        self, request: GatewayRequest, stage: str, reason: Optional[Failure] = None
+    ) -> None:
+        """Log a middleware's exception (``reason``, else the current one) and answer 500."""
         log.failure(
-            "A middleware failed on the response to {method} {uri}",
+            "A middleware failed on the {stage} of {method} {uri}",
+            reason,
+            stage=stage,
             method=request.method.decode("ascii", "replace"),
             uri=request.uri.decode("latin-1"),
             request_id=request.request_id.decode("latin-1"),
@@ -724,7 +718,7 @@ class _ProxySink:
             except Exception:
                 self.request.on_abort = None
                 self.exchange.cancel()
-                self.dispatcher._middleware_failed(request)
+                self.dispatcher._middleware_failed(request, "response")
                 return
         if not no_body and length != 0:
             self.streaming = True

@@ -190,12 +190,22 @@ class UpstreamServer:
         self.name = name
         self.requests: list[server.Request] = []
         self.cancelled: list[server.Request] = []
+        #: server-side protocols of every connection accepted so far.
+        self.connections: list[Any] = []
         self.port: Any = None
 
     def start(self, port: int = 0) -> UpstreamServer:
         """Listen (on ``port``, default any free one)."""
         site = server.Site(_Upstream(self))
         site.noisy = False
+        build = site.buildProtocol
+
+        def tracking(addr: Any) -> Any:
+            protocol = build(addr)
+            self.connections.append(protocol)
+            return protocol
+
+        site.buildProtocol = tracking  # type: ignore[method-assign]
         self.port = self.reactor.listenTCP(port, site, interface="127.0.0.1")
         return self
 
@@ -207,6 +217,18 @@ class UpstreamServer:
     def stop(self) -> defer.Deferred[Any]:
         """Stop listening (connections already open stay)."""
         return defer.maybeDeferred(self.port.stopListening)
+
+    @defer.inlineCallbacks
+    def kill(self) -> Any:
+        """
+        Die like a process: refuse new connections and close every open one (a
+        gateway's pooled connections included).
+        """
+        yield self.stop()
+        for protocol in self.connections:
+            channel = getattr(protocol, "_channel", protocol)  # Site wraps its HTTPChannel
+            if channel.transport is not None:
+                channel.transport.loseConnection()
 
 
 # --- the gateway as a child process -----------------------------------------------------

@@ -44,30 +44,13 @@ ROOT = Path(bungate.config.__file__).resolve().parents[1]
 
 
 def start_upstream(name: str, port: int = 0) -> UpstreamServer:
-    """An upstream whose server-side connections are tracked, so it can 'die'."""
-    server = UpstreamServer(reactor, name=name).start(port=port)
-    site = server.port.factory
-    connections: list[Any] = []
-    build = site.buildProtocol
-
-    def tracking(addr: Any) -> Any:
-        protocol = build(addr)
-        connections.append(protocol)
-        return protocol
-
-    site.buildProtocol = tracking
-    server.connections = connections  # type: ignore[attr-defined]
-    return server
+    """A real upstream on 127.0.0.1 (``kill()`` makes it die like a process)."""
+    return UpstreamServer(reactor, name=name).start(port=port)
 
 
-@defer.inlineCallbacks
 def kill(server: UpstreamServer) -> Any:
     """Stop listening (refuse new connections) and close every open connection."""
-    yield server.stop()
-    for protocol in server.connections:  # type: ignore[attr-defined]
-        channel = getattr(protocol, "_channel", protocol)  # Site wraps its HTTPChannel
-        if channel.transport is not None:
-            channel.transport.loseConnection()
+    return server.kill()
 
 
 def served(server: UpstreamServer, since: int = 0) -> int:

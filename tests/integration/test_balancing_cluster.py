@@ -20,30 +20,13 @@ from tests.integration.conftest import cluster_config
 
 
 def start_upstream(reactor: Any, name: str, port: int = 0) -> UpstreamServer:
-    """An upstream whose connections are tracked, so that it can die like a process."""
-    server = UpstreamServer(reactor, name=name).start(port=port)
-    site = server.port.factory
-    connections: list[Any] = []
-    build = site.buildProtocol
-
-    def tracking(addr: Any) -> Any:
-        protocol = build(addr)
-        connections.append(protocol)
-        return protocol
-
-    site.buildProtocol = tracking
-    server.connections = connections  # type: ignore[attr-defined]
-    return server
+    """A real upstream; ``die`` makes it stop like a process."""
+    return UpstreamServer(reactor, name=name).start(port=port)
 
 
-@defer.inlineCallbacks
 def die(server: UpstreamServer) -> Any:
     """Refuse new connections and close the open ones (the workers' pooled ones)."""
-    yield server.stop()
-    for protocol in server.connections:  # type: ignore[attr-defined]
-        channel = getattr(protocol, "_channel", protocol)
-        if channel.transport is not None:
-            channel.transport.loseConnection()
+    return server.kill()
 
 
 class Load:
