@@ -551,9 +551,8 @@ class Dispatcher:
 
         sink = _ProxySink(self, request, route, target, method, chain, on_result, on_failure)
         head = serialize_head(method, prefix + uri, lines)
-        sink.timer = self.clock.callLater(
-            route.config.timeout if timeout is None else timeout, sink.timed_out
-        )
+        sink.timeout = route.config.timeout if timeout is None else timeout
+        sink.timer = self.clock.callLater(sink.timeout, sink.timed_out)
         request.on_abort = sink.client_gone
         sink.exchange = self.upstreams.request(target, method, head, body, sink)
 
@@ -614,6 +613,30 @@ class Dispatcher:
         )
 
 
+class _PausableProducer:
+    """The upstream transport as the response's producer, remembering if it is paused."""
+
+    __slots__ = ("paused", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        """The client is slow: stop reading the upstream."""
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client caught up: read the upstream again."""
+        self.paused = False
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client connection is gone."""
+        self.transport.stopProducing()
+
+
 class _ProxySink:
     """
     Relays one upstream exchange into the client's response (an ``upstream.Sink``).
@@ -630,10 +653,12 @@ class _ProxySink:
         "method",
         "on_failure",
         "on_result",
+        "producer",
         "request",
         "route",
         "streaming",
         "target",
+        "timeout",
         "timer",
     )
 
@@ -658,6 +683,8 @@ class _ProxySink:
         self.on_failure = on_failure
         self.exchange: Any = None
         self.timer: Any = None
+        self.timeout = 0.0
+        self.producer: Optional[_PausableProducer] = None
         self.streaming = False
 
     # --- events from our side ---------------------------------------------------------
@@ -722,14 +749,34 @@ class _ProxySink:
                 return
         if not no_body and length != 0:
             self.streaming = True
-            request.registerProducer(producer, True)
+            self.producer = _PausableProducer(producer)
+            request.registerProducer(self.producer, True)
+            # The route's timeout also bounds each wait for more of the body, so a stalled
+            # upstream cannot hold the client connection forever (nginx's
+            # proxy_read_timeout); it does not run while a slow client paused the read.
+            self.timer = self.dispatcher.clock.callLater(self.timeout, self._body_stalled)
 
     def upstream_data(self, data: bytes) -> None:
         """Relay a piece of the body."""
+        timer = self.timer
+        if timer is not None:
+            timer.reset(self.timeout)
         self.request.write(data)
+
+    def _body_stalled(self) -> None:
+        producer = self.producer
+        if producer is not None and producer.paused:
+            self.timer = self.dispatcher.clock.callLater(self.timeout, self._body_stalled)
+            return
+        self.timer = None
+        self.exchange.cancel()
+        self.upstream_failed(
+            Failure(defer.TimeoutError(f"no body data for {self.timeout:g}s")), True
+        )
 
     def upstream_done(self) -> None:
         """The body is complete: finish the response."""
+        self._cancel_timer()
         request = self.request
         request.on_abort = None
         if self.streaming:

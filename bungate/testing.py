@@ -111,6 +111,11 @@ class _Upstream(resource.Resource):
             transport: Any = request.channel.transport
             self.owner.reactor.callLater(0.01, transport.abortConnection)
             return server.NOT_DONE_YET
+        if path == b"/stall-mid-body":
+            request.setHeader(b"content-length", b"100000")
+            request.write(b"x" * 1000)  # ... and nothing more, until the client gives up
+            request.notifyFinish().addErrback(lambda _: self.owner.cancelled.append(request))
+            return server.NOT_DONE_YET
         if path == b"/cookies":
             request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1; Path=/", b"b=2; Path=/"])
             request.setHeader(b"x-custom", b"kept")
@@ -181,6 +186,7 @@ class UpstreamServer:
 
     Endpoints: anything else echoes the request as JSON; ``/status/NNN``; ``/slow?delay=S``;
     ``/big?size=N`` (streams with backpressure); ``/chunked``; ``/reset-mid-body``;
+    ``/stall-mid-body`` (sends part of the body, then nothing);
     ``/cookies`` (repeated Set-Cookie, hop-by-hop headers to strip); ``/redirect``;
     ``/gzip``.
     """

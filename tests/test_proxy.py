@@ -257,6 +257,17 @@ def test_upstream_reset_mid_body_cuts_the_client_connection(gateway):
 
 
 @pytest_twisted.inlineCallbacks
+def test_upstream_stalled_mid_body_is_cut_after_the_route_timeout(gateway, upstream):
+    raw = yield threads.deferToThread(
+        raw_request, gateway.port, b"GET /api/stall-mid-body HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    status, headers, body = split(raw)
+    assert status == 200 and headers[b"content-length"] == [b"100000"]
+    assert len(body.replace(b"<RESET>", b"")) == 1000  # what came, then the cut
+    yield wait_until(_reactor, lambda: upstream.cancelled, 5, what="the upstream to be dropped")
+
+
+@pytest_twisted.inlineCallbacks
 def test_client_disconnect_cancels_the_upstream_request(gateway, upstream):
     def hang_up():
         s = socket.create_connection(("127.0.0.1", gateway.port))
