@@ -32,6 +32,7 @@ from bungate.config import ConfigError, GatewayConfig, RouteConfig
 from bungate.extensions import find_middleware, find_strategy
 from bungate.healthcheck import HealthChecker, Probe
 from bungate.interfaces import UpstreamRequest
+from bungate.upstream import UpstreamConnectTimeout
 from bungate.web import GatewayRequest, json_response
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -240,7 +241,9 @@ class BalancedRoute:
                     )
 
         def on_failure(failure: Failure, kind: str) -> bool:
-            if retried or kind not in RETRY_KINDS:
+            # Never connected (refused, no such name, or the connect timed out): the
+            # upstream cannot have seen the request, so another target may take it.
+            if retried or not (kind in RETRY_KINDS or failure.check(UpstreamConnectTimeout)):
                 return False
             method = upstream.method if upstream is not None else request.method
             if method not in IDEMPOTENT_METHODS:

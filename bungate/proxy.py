@@ -40,7 +40,13 @@ from bungate.extensions import run_request_middlewares, run_response_middlewares
 from bungate.interfaces import Middleware, UpstreamRequest
 from bungate.logging import request_id
 from bungate.routing import Router
-from bungate.upstream import UpstreamClient, UpstreamError, UpstreamReset, serialize_head
+from bungate.upstream import (
+    UpstreamClient,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamReset,
+    serialize_head,
+)
 from bungate.web import GatewayRequest, json_response
 
 __all__ = ["Dispatcher", "Response", "resolve_handler"]
@@ -693,8 +699,13 @@ class _ProxySink:
         """No response head within the route's timeout: give up on the upstream."""
         self.timer = None
         self.request.on_abort = None
-        self.exchange.cancel()
-        self._failed(Failure(defer.TimeoutError("no response head in time")), True)
+        exchange = self.exchange
+        if exchange.connecting:
+            error: Exception = UpstreamConnectTimeout(f"no connection in {self.timeout:g}s")
+        else:
+            error = defer.TimeoutError(f"no response head in {self.timeout:g}s")
+        exchange.cancel()
+        self._failed(Failure(error), True)
 
     def client_gone(self) -> None:
         """The client left before the response was complete: stop the upstream work."""

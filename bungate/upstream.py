@@ -40,7 +40,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
-__all__ = ["Exchange", "Sink", "UpstreamClient", "UpstreamError", "UpstreamReset"]
+__all__ = [
+    "Exchange",
+    "Sink",
+    "UpstreamClient",
+    "UpstreamConnectTimeout",
+    "UpstreamError",
+    "UpstreamReset",
+]
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _MAX_HEAD = 64 * 1024
@@ -49,6 +56,10 @@ _NO_BODY = frozenset({204, 304})
 
 class UpstreamError(Exception):
     """The upstream broke the protocol (bad status line, oversized head, bad chunk)."""
+
+
+class UpstreamConnectTimeout(defer.TimeoutError):
+    """The connection to the upstream was not made within the time allowed."""
 
 
 class UpstreamReset(Exception):
@@ -490,6 +501,11 @@ class Exchange:
         if conn is not None:
             conn.exchange = None
             conn._abort()
+
+    @property
+    def connecting(self) -> bool:
+        """Whether the exchange is still waiting for its connection."""
+        return self._connecting is not None
 
     @property
     def producer(self) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -179,6 +180,49 @@ def test_refused_post_is_not_retried() -> Any:
     finally:
         yield gw.close()
         yield servers[1].stop()
+
+
+def blackhole() -> tuple[socket.socket, list[socket.socket], str]:
+    """
+    A listening socket that never accepts, with its accept queue full: Linux drops further
+    SYNs, so a connect to it hangs (like a firewalled host) instead of being refused.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(8):  # the queue holds backlog + 1; a few more in case of slack
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(address)
+        fillers.append(s)
+    return listener, fillers, f"http://127.0.0.1:{address[1]}"
+
+
+@pytest_twisted.inlineCallbacks
+def test_connect_timeout_is_retried_on_another_target() -> Any:
+    listener, fillers, dead_url = blackhole()
+    good = start_upstream("good")
+    route = lb_route([dead_url, good.url], timeout=0.3)
+    gw = yield start_gateway(gateway_config(route))
+    try:
+        codes = []
+        for _ in range(4):  # round-robin: every other first attempt goes to the black hole
+            response, _ = yield get(gw.base + "/x")
+            codes.append(response.code)
+        assert codes == [200] * 4, codes
+        # a POST is never sent twice: it gets the 504
+        codes = []
+        for _ in range(2):
+            response, _ = yield get(gw.base + "/x", method="POST")
+            codes.append(response.code)
+        assert sorted(codes) == [200, 504], codes
+    finally:
+        yield gw.close()
+        yield good.stop()
+        for s in [listener, *fillers]:
+            s.close()
 
 
 @pytest_twisted.inlineCallbacks
