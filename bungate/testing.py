@@ -415,7 +415,10 @@ class GatewayProcess:
                     os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
                 except (ProcessLookupError, TypeError):
                     pass
-            raise AssertionError("the gateway did not stop on SIGTERM") from f.value
+            tail = "\n".join(self.lines[-40:])
+            raise AssertionError(
+                f"the gateway did not stop on SIGTERM within {timeout}s; output tail:\n{tail}"
+            ) from f.value
 
         return d.addErrback(force)
 
