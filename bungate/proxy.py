@@ -22,13 +22,6 @@ from typing import Any, Callable, Optional
 
 import attrs
 from twisted.internet import defer, error
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client
@@ -45,6 +38,7 @@ from bungate.upstream import (
     UpstreamConnectTimeout,
     UpstreamError,
     UpstreamReset,
+    client_endpoint,
     serialize_head,
 )
 from bungate.web import GatewayRequest, json_response
@@ -844,21 +838,16 @@ class _ProxySink:
 @implementer(IAgentEndpointFactory)
 class _UpstreamEndpoints:
     """
-    Where the proxy's Agent connects: like Twisted's standard endpoint factory, except
-    that an IP-literal host gets a plain TCP endpoint.
-
-    ``HostnameEndpoint`` only reports a refused connection when its next attempt is due
-    (``attemptDelay``, 0.3 s), even for a single address; a load-balanced route that
-    retries elsewhere on ``refused`` would pay that on every request to a dead target.
+    Where the health checks' Agent connects: the same endpoints as the proxy's own
+    client (:func:`bungate.upstream.client_endpoint`).
 
     :param reactor: connects.
-    :param tls_policy: the ``IPolicyForHTTPS`` for https upstreams (Twisted's browser-like
-        policy when ``None``).
+    :param tls_policy: the ``IPolicyForHTTPS`` for https upstreams, or ``None``.
     """
 
     def __init__(self, reactor: Any, tls_policy: Any = None) -> None:
         self._reactor = reactor
-        self._policy = tls_policy if tls_policy is not None else client.BrowserLikePolicyForHTTPS()
+        self._policy = tls_policy
 
     def endpointForURI(self, uri: client.URI) -> Any:
         """
@@ -873,18 +862,9 @@ class _UpstreamEndpoints:
             host = uri.host.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError(f"the host of {uri.toBytes()!r} is not ASCII") from None
-        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        endpoint: Any
-        if isIPAddress(literal):
-            endpoint = TCP4ClientEndpoint(self._reactor, literal, uri.port)
-        elif isIPv6Address(literal):
-            endpoint = TCP6ClientEndpoint(self._reactor, literal, uri.port)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port)
-        if uri.scheme == b"https":
-            creator = self._policy.creatorForNetloc(uri.host, uri.port)
-            return wrapClientTLS(creator, endpoint)
-        return endpoint
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return client_endpoint(self._reactor, uri.scheme == b"https", host, uri.port, self._policy)
 
 
 async def _awaited(awaitable: Any) -> Any:

@@ -47,6 +47,7 @@ __all__ = [
     "UpstreamConnectTimeout",
     "UpstreamError",
     "UpstreamReset",
+    "client_endpoint",
 ]
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -89,6 +90,35 @@ class Sink(TypingProtocol):
         """The exchange failed; ``head_sent`` says whether ``upstream_head`` was called."""
 
 
+def client_endpoint(reactor: Any, secure: bool, host: str, port: int, tls_policy: Any) -> Any:
+    """
+    The endpoint that connects to an upstream (used by the proxy and the health checks).
+
+    An IP literal gets a plain TCP endpoint: ``HostnameEndpoint`` reports a refused
+    connection only when its next attempt would be due (0.3 s), even for a single
+    address, and a balanced route retrying elsewhere on "refused" would pay that.
+
+    :param secure: wrap the connection in TLS (``https://``).
+    :param host: a host name or IP literal, without brackets.
+    :param tls_policy: the ``IPolicyForHTTPS``; Twisted's browser-like policy (the
+        system's CA store) when ``None``.
+    """
+    endpoint: Any
+    if isIPAddress(host):
+        endpoint = TCP4ClientEndpoint(reactor, host, port)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(reactor, host, port)
+    else:
+        endpoint = HostnameEndpoint(reactor, host.encode("idna") if host else b"", port)
+    if not secure:
+        return endpoint
+    if tls_policy is None:
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
+        tls_policy = BrowserLikePolicyForHTTPS()
+    return wrapClientTLS(tls_policy.creatorForNetloc(host.encode("idna"), port), endpoint)
+
+
 class _Target:
     """One upstream base URL, parsed once."""
 
@@ -110,24 +140,7 @@ class _Target:
         self.host_header = netloc.encode("ascii")
         self.prefix = parts.path.rstrip("/").encode("ascii")
         self.key = base
-        # An IP literal gets a plain TCP endpoint: HostnameEndpoint reports a refused
-        # connection only when its next attempt would be due (0.3 s), even for a single
-        # address, and a balanced route retrying elsewhere on "refused" would pay that.
-        endpoint: Any
-        if isIPAddress(host):
-            endpoint = TCP4ClientEndpoint(reactor, host, port)
-        elif isIPv6Address(host):
-            endpoint = TCP6ClientEndpoint(reactor, host, port)
-        else:
-            endpoint = HostnameEndpoint(reactor, host.encode("idna") if host else b"", port)
-        if secure:
-            if tls_policy is None:
-                from twisted.web.client import BrowserLikePolicyForHTTPS
-
-                tls_policy = BrowserLikePolicyForHTTPS()
-            endpoint = wrapClientTLS(
-                tls_policy.creatorForNetloc(host.encode("idna"), port), endpoint
-            )
+        endpoint = client_endpoint(reactor, secure, host, port, tls_policy)
         self.endpoint = endpoint
         self.idle: list[_Connection] = []
 
