@@ -299,13 +299,19 @@ class Dispatcher:
         if route.methods is not None and request.method not in route.methods:
             self._not_allowed(request, route)
             return
+        self._answer(request, route, None)
+
+    def _answer(
+        self, request: GatewayRequest, route: _Route, upstream: Optional[UpstreamRequest]
+    ) -> None:
+        """Answer a routed, allowed request from its handler, its balancer or its target."""
         if route.handler is not None:
             self._call_handler(request, route)
         elif route.balanced is not None:
-            route.balanced.handle(request, route, None)
+            route.balanced.handle(request, route, upstream)
         else:
             assert route.target is not None
-            self._proxy(request, route, route.target)
+            self._proxy(request, route, route.target, upstream=upstream)
 
     def _not_allowed(self, request: GatewayRequest, route: _Route) -> None:
         request.responseHeaders.setRawHeaders(b"allow", [route.allow])
@@ -353,13 +359,7 @@ class Dispatcher:
             if answered or request._disconnected or request.finished:
                 return
             assert route is not None
-            if route.handler is not None:
-                self._call_handler(request, route)
-            elif route.balanced is not None:
-                route.balanced.handle(request, route, upstream)
-            else:
-                assert route.target is not None
-                self._proxy(request, route, route.target, upstream=upstream)
+            self._answer(request, route, upstream)
 
         def failed(reason: Failure) -> None:
             request.on_abort = None
@@ -489,20 +489,8 @@ class Dispatcher:
             chain = route.chain
             if not (_TOKEN.fullmatch(method) and _ORIGIN_FORM.fullmatch(uri)):
                 # A middleware set something that would split the request line.
-                log.error(
-                    "A middleware set an invalid upstream request line {method!r} {path!r}",
-                    method=method,
-                    path=uri,
-                    request_id=request.request_id.decode("latin-1"),
-                )
-                json_response(
-                    request,
-                    500,
-                    {
-                        "error": "middleware_error",
-                        "request_id": request.request_id.decode("latin-1"),
-                    },
-                )
+                problem = ValueError(f"invalid upstream request line {method!r} {uri!r}")
+                self._middleware_failed(request, "request", Failure(problem))
                 return
         request.upstream = target.decode("ascii")
         host_header, prefix = self.upstreams.head_for(target)
@@ -656,7 +644,6 @@ class _ProxySink:
         "producer",
         "request",
         "route",
-        "streaming",
         "target",
         "timeout",
         "timer",
@@ -684,8 +671,8 @@ class _ProxySink:
         self.exchange: Any = None
         self.timer: Any = None
         self.timeout = 0.0
+        #: registered as the response's producer while the body streams, else ``None``.
         self.producer: Optional[_PausableProducer] = None
-        self.streaming = False
 
     # --- events from our side ---------------------------------------------------------
 
@@ -705,7 +692,7 @@ class _ProxySink:
         """The client left before the response was complete: stop the upstream work."""
         self._cancel_timer()
         self.exchange.cancel()
-        if not self.streaming and self.on_result is not None:
+        if self.producer is None and self.on_result is not None:
             self.on_result("client-gone", 499)
 
     # --- events from the upstream -----------------------------------------------------
@@ -753,7 +740,6 @@ class _ProxySink:
                 self.dispatcher._middleware_failed(request, "response")
                 return
         if not no_body and length != 0:
-            self.streaming = True
             self.producer = _PausableProducer(producer)
             request.registerProducer(self.producer, True)
             # The route's timeout also bounds each wait for more of the body, so a stalled
@@ -784,8 +770,8 @@ class _ProxySink:
         self._cancel_timer()
         request = self.request
         request.on_abort = None
-        if self.streaming:
-            self.streaming = False
+        if self.producer is not None:
+            self.producer = None
             request.unregisterProducer()
         request.finish()
 
@@ -799,8 +785,8 @@ class _ProxySink:
             return
         # The upstream broke mid-body: the status line is gone, so the only honest
         # signal left is to cut the client connection.
-        if self.streaming:
-            self.streaming = False
+        if self.producer is not None:
+            self.producer = None
             request.unregisterProducer()
         log.warn(
             "Upstream broke off the body of {method} {uri} -> {upstream}: {error}",
