@@ -12,7 +12,7 @@ from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
 
 from bungate import Gateway, Response
-from bungate.testing import UpstreamServer, wait_until
+from bungate.testing import wait_until
 
 
 def raw_request(
@@ -45,13 +45,6 @@ def split(response: bytes):
         k, _, v = line.partition(b":")
         headers.setdefault(k.strip().lower(), []).append(v.strip())
     return status, headers, body
-
-
-@pytest.fixture
-def upstream():
-    server = UpstreamServer(_reactor).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
 
 
 def echo(request):

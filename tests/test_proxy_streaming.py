@@ -16,17 +16,10 @@ from twisted.internet import reactor as _reactor
 from twisted.internet import threads
 
 from bungate import Gateway
-from bungate.testing import UpstreamServer, wait_until
+from bungate.testing import wait_until
 from tests.test_proxy import raw_request, split
 
 SIZE = 32 * 1024 * 1024
-
-
-@pytest.fixture
-def upstream():
-    server = UpstreamServer(_reactor).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
 
 
 @pytest.fixture

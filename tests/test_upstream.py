@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
 
-from bungate.testing import UpstreamServer, wait_until
+from bungate.testing import wait_until
 from bungate.upstream import UpstreamClient, UpstreamError, UpstreamReset, serialize_head
 
 
@@ -30,13 +30,6 @@ class Recorder:
 
     def upstream_failed(self, reason, head_sent):
         self.done.errback(reason)
-
-
-@pytest.fixture
-def upstream():
-    server = UpstreamServer(_reactor).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
 
 
 @pytest.fixture
