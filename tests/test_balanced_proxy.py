@@ -11,11 +11,7 @@ the gateway would keep using its cached connections to the "stopped" server.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +23,6 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.web.http_headers import Headers
 
-import bungate.config
 from bungate.balanced import BalancedRoute
 from bungate.config import ConfigError, parse_config
 from bungate.gateway import Gateway
@@ -36,9 +31,9 @@ from bungate.observe import check_startup
 from bungate.proxy import Dispatcher
 from bungate.testing import UpstreamServer, wait_until
 from bungate.web import GatewaySite
+from tests.conftest import run_with_plugin
 
 reactor: Any = _reactor
-ROOT = Path(bungate.config.__file__).resolve().parents[1]
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -727,21 +722,7 @@ task.react(main)
 
 
 def test_third_party_middleware_plugin_answers_and_adds_upstream_header(tmp_path: Path) -> None:
-    plugins = tmp_path / "site" / "bungate" / "plugins"
-    plugins.mkdir(parents=True)
-    (plugins / "test_gatekeeper.py").write_text(textwrap.dedent(PLUGIN))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), str(ROOT)])
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        cwd=str(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_with_plugin(tmp_path, "test_gatekeeper", PLUGIN, SCRIPT)
     assert out["denied"] == [401, '{"error": "no key"}', 0]
     assert [p[0] for p in out["passed"]] == [200, 200]
     assert sorted(p[1] for p in out["passed"]) == ["u0", "u1"]  # balanced

@@ -7,17 +7,11 @@ dropin caches leak into other tests.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from twisted.web.http_headers import Headers
 
-import bungate.config
 from bungate import extensions
 from bungate.balancing import RoundRobin
 from bungate.config import BUILTIN_STRATEGIES
@@ -28,8 +22,7 @@ from bungate.extensions import (
     run_response_middlewares,
 )
 from bungate.interfaces import IBalancer, UpstreamRequest
-
-ROOT = Path(bungate.config.__file__).resolve().parents[1]
+from tests.conftest import run_with_plugin
 
 DROP_IN = '''
 """A third-party plugin module: one strategy, one middleware, one clash."""
@@ -104,21 +97,7 @@ print(json.dumps({
 def test_third_party_drop_in_is_found(tmp_path: Path) -> None:
     # A third-party distribution installs bungate/plugins/<module>.py into its own
     # sys.path entry, with no __init__.py in bungate/ or bungate/plugins/ there.
-    plugins = tmp_path / "site" / "bungate" / "plugins"
-    plugins.mkdir(parents=True)
-    (plugins / "my_strategy.py").write_text(textwrap.dedent(DROP_IN))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), str(ROOT)])
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        cwd=str(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = run_with_plugin(tmp_path, "my_strategy", DROP_IN, SCRIPT)
     assert found["picked"] == "http://b:1"
     assert found["strategies"] == sorted([*BUILTIN_STRATEGIES, "my-strategy"])
     assert found["middlewares"] == ["my-tag"]
