@@ -180,7 +180,7 @@ class Gateway:
 
     def _listen_single(self) -> Any:
         from bungate import observe
-        from bungate.cluster.sockets import bind_listener
+        from bungate.cluster.sockets import adopt_port, bind_listener
 
         if self.manage_logging:
             observe.start_logging(self.config, None)
@@ -188,8 +188,8 @@ class Gateway:
         server = self.config.server
         sock = bind_listener(server.host, server.port, server.backlog)
         try:
-            port = self.reactor.adoptStreamPort(
-                sock.fileno(), sock.family, observe.wrap_tls(self.config, site)
+            port: Any = adopt_port(
+                self.reactor, sock.fileno(), observe.wrap_tls(self.config, site), balanced=False
             )
         finally:
             sock.close()

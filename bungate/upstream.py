@@ -40,6 +40,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
+from bungate.transport import make_eager
+
 __all__ = [
     "Exchange",
     "Sink",
@@ -375,6 +377,7 @@ class _Connection(Protocol):
             transport.abortConnection()
 
     def connectionMade(self) -> None:
+        make_eager(self.transport)
         self.client.connections.add(self)
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]

@@ -15,8 +15,9 @@ import os
 import socket
 from typing import Any, Iterator
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
+
+from bungate.transport import EagerPort
 
 __all__ = ["BalancedPort", "adopt_port", "bind_listener"]
 
@@ -44,7 +45,7 @@ def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-class BalancedPort(tcp.Port):
+class BalancedPort(EagerPort):
     """A TCP port that accepts one connection per wake-up (fair on a shared socket)."""
 
     def doRead(self) -> None:
@@ -58,7 +59,9 @@ def adopt_port(reactor: Any, fd: int, factory: Any, balanced: bool = True) -> IL
     Serve ``factory`` on an inherited listening socket.
 
     The descriptor is duplicated; the caller may close ``fd`` afterwards. Stopping the
-    port closes only this process's copy: the socket stays open for the others.
+    port closes only this process's copy: the socket stays open for the others. TCP
+    connections get :mod:`bungate.transport`'s eager transports; ``balanced`` ports
+    accept one connection per wake-up (:class:`BalancedPort`).
     """
     with _nonblocking_default():
         probe = socket.socket(fileno=fd)
@@ -66,10 +69,11 @@ def adopt_port(reactor: Any, fd: int, factory: Any, balanced: bool = True) -> IL
             family = probe.family
         finally:
             probe.detach()
-        if not balanced or family not in (socket.AF_INET, socket.AF_INET6):
+        if family not in (socket.AF_INET, socket.AF_INET6):
             port = reactor.adoptStreamPort(fd, family, factory)
         else:
-            port = BalancedPort._fromListeningDescriptor(reactor, fd, family, factory)
+            kind = BalancedPort if balanced else EagerPort
+            port = kind._fromListeningDescriptor(reactor, fd, family, factory)
             port.startListening()
     # Belt and braces: whatever wrapped the descriptor, the shared socket stays non-blocking.
     os.set_blocking(port.fileno(), False)
