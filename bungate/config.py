@@ -113,6 +113,7 @@ class ServerConfig:
     port: int = 3000
     max_body_size: int = 10 * 1024 * 1024
     backlog: int = 1024
+    keepalive_requests: int = 1000
     tls: TLSConfig = attrs.field(factory=TLSConfig)
 
 
@@ -484,6 +485,7 @@ def _server(r: _Reader) -> ServerConfig:
         port=_port(r, "port", 3000),
         max_body_size=r.integer("max_body_size", 10 * 1024 * 1024, minimum=0),
         backlog=r.integer("backlog", 1024, minimum=1),
+        keepalive_requests=r.integer("keepalive_requests", 1000, minimum=0),
         tls=_tls(r.sub("tls")),
     )
     r.done()

@@ -157,6 +157,7 @@ class Gateway:
             self.reactor,
             max_body_size=self.config.server.max_body_size,
             on_done=self.dispatcher.on_done,
+            keepalive_requests=self.config.server.keepalive_requests,
         )
         return self.site
 

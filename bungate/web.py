@@ -184,6 +184,7 @@ class GatewayChannel(http.HTTPChannel):
     site: Any  # the GatewaySite that built this channel
     _idle_call: Any = None
     _host: Any = None
+    _served = 0  # requests whose persistence was decided on this connection
 
     def getHost(self) -> Any:
         """
@@ -213,12 +214,16 @@ class GatewayChannel(http.HTTPChannel):
         Keep the connection open after this request?
 
         Only HTTP/1.1 without a ``close`` token (Twisted's own check splits the header
-        on spaces, so ``Connection: close, X-Foo`` would wrongly stay open), and never
-        while draining.
+        on spaces, so ``Connection: close, X-Foo`` would wrongly stay open), never while
+        draining, and not after the site's ``keepalive_requests`` requests (as nginx's
+        ``keepalive_requests``): clients then reconnect, which bounds what one connection
+        holds and lets connections that piled up on one worker spread over the fleet.
         """
         if version != b"HTTP/1.1":
             return False
-        close = self.site.draining
+        self._served += 1
+        limit = self.site.keepalive_requests
+        close = self.site.draining or (limit > 0 and self._served >= limit)
         if not close:
             for value in request.requestHeaders.getRawHeaders(b"connection", ()):
                 if b"close" in (t.strip().lower() for t in value.split(b",")):
@@ -269,6 +274,8 @@ class GatewaySite(server.Site):
     :param on_done: called with ``(request, completed)`` once per request.
     :param idle_timeout: keep-alive connections idle this long are closed (seconds).
     :param idle_grace: while draining, idle connections are closed after this long.
+    :param keepalive_requests: a connection's last request (its answer says
+        ``Connection: close``) is its this-many-th; 0 for no limit.
     """
 
     requestFactory = GatewayRequest
@@ -284,6 +291,7 @@ class GatewaySite(server.Site):
         on_done: Optional[Callable[[GatewayRequest, bool], None]] = None,
         idle_timeout: float = 75.0,
         idle_grace: float = 1.0,
+        keepalive_requests: int = 1000,
     ) -> None:
         super().__init__(Resource(), timeout=idle_timeout, reactor=clock)
         self.dispatch = dispatch
@@ -291,6 +299,7 @@ class GatewaySite(server.Site):
         self.max_body_size = max_body_size
         self.on_done = on_done or (lambda request, completed: None)
         self.idle_grace = idle_grace
+        self.keepalive_requests = keepalive_requests
         self.channels: set[GatewayChannel] = set()
         self.draining = False
         self._drained: Once[None] = Once()

@@ -120,6 +120,7 @@ def test_builtin_default_runs_a_cluster_with_an_echo_route():
             "at least",
         ),
         ({"routes": "x"}, "routes", "must be a list"),
+        ({"server": {"keepalive_requests": -1}}, "server.keepalive_requests", "at least 0"),
         ({"server": {"tls": {"enabled": True}}}, "server.tls.cert", "required"),
         ({"metrics": {"listen": "nope"}}, "metrics.listen", "host:port"),
     ],

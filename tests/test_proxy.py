@@ -333,3 +333,32 @@ def test_close_waits_for_in_flight_requests(upstream):
     assert headers[b"connection"] == [b"close"]
     yield closed
     assert url
+
+
+@pytest.mark.parametrize("limit, answered", [(3, 3), (0, 4)])
+@pytest_twisted.inlineCallbacks
+def test_keepalive_requests_ends_a_connection_after_its_last_request(limit, answered):
+    """As nginx's keepalive_requests: the limit-th answer says close, and the server closes."""
+    gw = Gateway(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "keepalive_requests": limit},
+            "logger": {"request_logging": False, "level": "error"},
+        }
+    )
+    gw.add_route("/users/:id", handler=echo)
+    yield gw.listen()
+    try:
+        port = gw.ports[0].getHost().port
+        pipelined = b"".join(
+            b"GET /users/%d HTTP/1.1\r\nHost: h\r\n%s\r\n"
+            % (i, b"Connection: close\r\n" if i == 4 else b"")
+            for i in range(1, 5)
+        )
+        raw = yield threads.deferToThread(raw_request, port, pipelined)
+    finally:
+        yield gw.close()
+    answers = raw.split(b"HTTP/1.1 200 ")[1:]
+    assert len(answers) == answered
+    closes = [b"connection: close" in a.lower() for a in answers]
+    assert closes == [False] * (answered - 1) + [True]
+    assert json.loads(answers[-1].partition(b"\r\n\r\n")[2])["params"] == {"id": str(answered)}
