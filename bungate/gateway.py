@@ -89,6 +89,7 @@ class Gateway:
         self._draining = False
         self._runtime: Optional[child.WorkerRuntime] = None
         self._closing: Optional[Once[None]] = None
+        self._accept_table: Any = None  # a worker's view of the fleet's connection counts
 
     # --- routes -----------------------------------------------------------------------
 
@@ -203,6 +204,7 @@ class Gateway:
 
     def _listen_worker(self) -> Any:
         from bungate import observe
+        from bungate.cluster.accept import AcceptTable
         from bungate.cluster.sockets import adopt_port
 
         wid = child.worker_id()
@@ -210,7 +212,13 @@ class Gateway:
         observe.start_logging(self.config, wid)
         site = self._build_site()
         fds = child.listener_fds()
-        port = adopt_port(self.reactor, fds["main"], observe.wrap_tls(self.config, site))
+        peers = self._accept_table = AcceptTable.inherited()
+        if peers is not None:
+            peers.publish(0)
+            site.on_connections = peers.publish
+        port = adopt_port(
+            self.reactor, fds["main"], observe.wrap_tls(self.config, site), peers=peers
+        )
         os.close(fds["main"])
         self.ports.append(port)
         for name, fd in fds.items():
@@ -268,6 +276,10 @@ class Gateway:
             work: defer.Deferred[Any] = self.cluster.stop()
         else:
             self._draining = True
+            if self._accept_table is not None:
+                self._accept_table.leave()
+                if self.site is not None:
+                    self.site.on_connections = None
             if self.dispatcher is not None:
                 self.dispatcher.close()
             stops = [defer.maybeDeferred(p.stopListening) for p in self.ports]

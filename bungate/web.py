@@ -201,7 +201,10 @@ class GatewayChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         """Register with the site."""
         super().connectionMade()
-        self.site.channels.add(self)
+        site = self.site
+        site.channels.add(self)
+        if site.on_connections is not None:
+            site.on_connections(len(site.channels))
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         """Unregister; the site notices when the last connection of a drain is gone."""
@@ -300,6 +303,8 @@ class GatewaySite(server.Site):
         self.on_done = on_done or (lambda request, completed: None)
         self.idle_grace = idle_grace
         self.keepalive_requests = keepalive_requests
+        #: Called with the number of open connections whenever it changes.
+        self.on_connections: Optional[Callable[[int], None]] = None
         self.channels: set[GatewayChannel] = set()
         self.draining = False
         self._drained: Once[None] = Once()
@@ -339,6 +344,8 @@ class GatewaySite(server.Site):
         """Forget a closed connection; complete the drain when none is left."""
         if channel is not None:
             self.channels.discard(channel)
+            if self.on_connections is not None:
+                self.on_connections(len(self.channels))
         if self.draining and not self.channels:
             self._drained.fire(None)
 

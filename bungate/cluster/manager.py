@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from typing import IO, Any, Callable, Optional, Union
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
@@ -30,6 +30,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from bungate._once import Once
+from bungate.cluster.accept import ENV_VAR as ACCEPT_ENV
+from bungate.cluster.accept import AcceptTable
 from bungate.cluster.process import WorkerProtocol, WorkerSlot, signal_number
 from bungate.cluster.sockets import bind_listener
 from bungate.config import ClusterConfig, ConfigError, GatewayConfig, parse_config
@@ -191,6 +193,10 @@ class ClusterManager:
         # generation -> (its subdirectory, {copy: original})
         self._copies: dict[int, tuple[str, dict[str, str]]] = {}
         self._booting: dict[int, int] = {}  # slot id -> generation its process started with
+        # Connection counts shared with the workers (bungate.cluster.accept), made at the
+        # first spawn; slot id -> the table slot of its live process.
+        self._accept: Optional[tuple[AcceptTable, IO[bytes]]] = None
+        self._accept_slots: dict[int, int] = {}
 
     # --- events -----------------------------------------------------------------------
 
@@ -218,6 +224,8 @@ class ClusterManager:
             self.metrics.worker_restarted(fields["worker_id"])
         if event in ("worker-state", "worker-failed"):
             self._share_fleet()
+        if event == "worker-exit":
+            self._release_accept_slot(fields["worker_id"])
         if event in ("worker-ready", "worker-exit"):
             # A worker reads its files before it reports READY: once ready (or gone),
             # it needs them no more.
@@ -345,7 +353,40 @@ class ClusterManager:
             env["BUNGATE_TLS_COPIES"] = json.dumps(copies[1])
         else:
             env.pop("BUNGATE_TLS_COPIES", None)
+        table_slot = self._accept_slots.get(slot.id)
+        if table_slot is not None:
+            env[ACCEPT_ENV] = f"{self._accept_fd()}:{table_slot}"
+        else:
+            env.pop(ACCEPT_ENV, None)
         return env
+
+    def _accept_fd(self) -> int:
+        """The descriptor number of the accept table in a worker: after the listeners."""
+        return 4 + len(self.listeners)
+
+    def _claim_accept_slot(self, slot: WorkerSlot) -> Optional[int]:
+        self._release_accept_slot(slot.id)  # a respawn: its previous process is gone
+        if self._accept is None:
+            self._accept = AcceptTable.create()
+        table_slot = self._accept[0].claim()
+        if table_slot is not None:
+            self._accept_slots[slot.id] = table_slot
+        return table_slot
+
+    def accept_counts(self) -> dict[int, int]:
+        """
+        Open client connections per live worker, as the workers publish them for fair
+        accepting (:mod:`bungate.cluster.accept`); -1 while one does not accept.
+        """
+        if self._accept is None:
+            return {}
+        counts = self._accept[0].snapshot()
+        return {wid: counts.get(ts, -1) for wid, ts in sorted(self._accept_slots.items())}
+
+    def _release_accept_slot(self, worker_id: int) -> None:
+        table_slot = self._accept_slots.pop(worker_id, None)
+        if table_slot is not None and self._accept is not None:
+            self._accept[0].release(table_slot)
 
     def _config_for_workers(self) -> GatewayConfig:
         return self._worker_config if self._worker_config is not None else self.config
@@ -362,6 +403,8 @@ class ClusterManager:
         extra = [n for n in self.listeners if n != "main"]
         for i, name in enumerate(extra):
             child_fds[5 + i] = self.listeners[name].fileno()
+        if self._claim_accept_slot(slot) is not None and self._accept is not None:
+            child_fds[self._accept_fd()] = self._accept[1].fileno()
         if self.worker_script is not None:
             args = [self._python, self.worker_script, *self.script_args]
         else:
@@ -374,6 +417,9 @@ class ClusterManager:
             transport = self.reactor.spawnProcess(
                 protocol, self._python, args, env=self._worker_env(slot), childFDs=child_fds
             )
+        except BaseException:
+            self._release_accept_slot(slot.id)
+            raise
         finally:
             theirs.close()
         control = _MasterControl(slot, self)
@@ -760,6 +806,12 @@ class ClusterManager:
             self.restore_signal_handlers()
             self._prune()
             self._remove_copies()
+            if self._accept is not None:
+                table, backing = self._accept
+                self._accept = None
+                self._accept_slots.clear()
+                table.close()
+                backing.close()
             self.log.info("All workers stopped")
             stopping.fire(None)
 

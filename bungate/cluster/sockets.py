@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from twisted.internet.interfaces import IListeningPort
 
+from bungate.cluster.accept import TRUST_AGAIN_AFTER, YIELD_FOR, AcceptTable
 from bungate.transport import EagerPort
 
 __all__ = ["BalancedPort", "adopt_port", "bind_listener"]
@@ -46,22 +47,71 @@ def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
 
 
 class BalancedPort(EagerPort):
-    """A TCP port that accepts one connection per wake-up (fair on a shared socket)."""
+    """
+    A TCP port that accepts one connection per wake-up (fair on a shared socket).
+
+    With an :class:`~bungate.cluster.accept.AcceptTable` (``peers``), a worker holding
+    clearly more connections than another leaves a new connection to it for
+    :data:`~bungate.cluster.accept.YIELD_FOR` seconds, then accepts it itself if it is
+    still waiting.
+    """
+
+    peers: Optional[AcceptTable] = None
+    _resume: Any = None
+    _must_accept = False
+    _trust_again_at = 0.0
 
     def doRead(self) -> None:
-        """Accept a single connection."""
+        """Accept a single connection, or leave it to an idler worker for a moment."""
         self.numberAccepts = 1
+        peers = self.peers
+        if peers is None:
+            super().doRead()
+            return
+        if self._must_accept:
+            self._must_accept = False
+            before = self.sessionno
+            super().doRead()
+            if self.sessionno != before:
+                # Nobody took it in time (the peer is starved or stuck): stop waiting
+                # for it on every connection.
+                self._trust_again_at = self.reactor.seconds() + TRUST_AGAIN_AFTER
+            return
+        if self.reactor.seconds() >= self._trust_again_at and peers.should_yield():
+            self.stopReading()
+            self._resume = self.reactor.callLater(YIELD_FOR, self._accept_again)
+            return
         super().doRead()
 
+    def _accept_again(self) -> None:
+        self._resume = None
+        if self.connected:
+            self._must_accept = True
+            self.startReading()
 
-def adopt_port(reactor: Any, fd: int, factory: Any, balanced: bool = True) -> IListeningPort:
+    def connectionLost(self, reason: Any) -> None:
+        """Stopped listening: forget a pending resume."""
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.active():
+            resume.cancel()
+        super().connectionLost(reason)
+
+
+def adopt_port(
+    reactor: Any,
+    fd: int,
+    factory: Any,
+    balanced: bool = True,
+    peers: Optional[AcceptTable] = None,
+) -> IListeningPort:
     """
     Serve ``factory`` on an inherited listening socket.
 
     The descriptor is duplicated; the caller may close ``fd`` afterwards. Stopping the
     port closes only this process's copy: the socket stays open for the others. TCP
     connections get :mod:`bungate.transport`'s eager transports; ``balanced`` ports
-    accept one connection per wake-up (:class:`BalancedPort`).
+    accept one connection per wake-up (:class:`BalancedPort`), and with ``peers`` leave
+    connections to workers that hold fewer.
     """
     with _nonblocking_default():
         probe = socket.socket(fileno=fd)
@@ -74,6 +124,8 @@ def adopt_port(reactor: Any, fd: int, factory: Any, balanced: bool = True) -> IL
         else:
             kind = BalancedPort if balanced else EagerPort
             port = kind._fromListeningDescriptor(reactor, fd, family, factory)
+            if balanced:
+                port.peers = peers
             port.startListening()
     # Belt and braces: whatever wrapped the descriptor, the shared socket stays non-blocking.
     os.set_blocking(port.fileno(), False)

@@ -275,3 +275,34 @@ def test_cluster_manager_api_with_a_worker_script(reactor):
         yield manager.stop()
     assert ("spawn", 1) in events and ("ready", 3) in events
     assert manager.worker_count() == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_workers_publish_their_connection_counts_for_fair_accepting(reactor):
+    """The table behind fair accepting (bungate/cluster/accept.py), in real workers."""
+    script = os.path.join(ROOT, "tests", "integration", "worker_script.py")
+    manager = ClusterManager(
+        {"server": {"host": "127.0.0.1", "port": 0}, "cluster": {"enabled": True, "workers": 2}},
+        None,
+        script,
+        reactor=reactor,
+        extra_env={"PYTHONPATH": ROOT},
+    )
+    clients = []
+    try:
+        yield manager.start()
+        yield wait_until(reactor, lambda: manager.accept_counts() == {1: 0, 2: 0}, 10)
+        for _ in range(6):
+            clients.append(socket.create_connection(manager.address[:2]))
+        yield wait_until(reactor, lambda: sum(manager.accept_counts().values()) == 6, 10)
+        for c in clients:
+            c.close()
+        yield wait_until(reactor, lambda: manager.accept_counts() == {1: 0, 2: 0}, 10)
+        assert manager.send_signal_to_worker(1, "SIGKILL")
+        yield wait_until(reactor, lambda: manager.accept_counts().get(1, -1) == -1, 10)
+        yield wait_until(reactor, lambda: manager.accept_counts() == {1: 0, 2: 0}, 15)
+    finally:
+        for c in clients:
+            c.close()
+        yield manager.stop()
+    assert manager.accept_counts() == {}

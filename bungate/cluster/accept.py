@@ -1,0 +1,163 @@
+"""
+Fair accepting on the shared listening socket: workers see each other's connection counts.
+
+Every worker is woken for a new connection, and the one already running accepts it
+first. Under load that is the busiest worker: it is on a core while the idle one waits
+to be scheduled. A burst of kept-alive connections then stays on one worker (``bench/run``
+saw 50 of wrk's 50 connections on one of two workers, the other idle for the whole run,
+and nginx, which wakes one worker per connection, did the same).
+
+The master keeps a small table in memory shared with every worker (an unlinked file each
+worker maps): one slot per live worker process holding its number of open client
+connections, or -1 while it does not accept. A worker that holds clearly more connections
+than another accepting worker leaves the next connection to it for a moment
+(:data:`YIELD_FOR`): it stops watching the socket, and the idler worker, woken by the same
+connection, takes it. If no one has by then, the worker accepts it anyway, and stops
+deferring for a while (:data:`TRUST_AGAIN_AFTER`), so a stuck or starved peer costs a
+connection at most ``YIELD_FOR`` of latency, and never the connection.
+
+Stale entries are harmless by construction: a count too high never makes anyone wait, a
+count too low costs at most ``YIELD_FOR`` per connection until the master clears the slot
+of a dead worker (on its exit) or the peer accepts.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from typing import IO, Any, Optional
+
+__all__ = ["ENV_VAR", "SLOTS", "TRUST_AGAIN_AFTER", "YIELD_FOR", "AcceptTable", "should_yield"]
+
+#: The environment variable that tells a worker ``"<fd>:<slot>"``.
+ENV_VAR = "BUNGATE_ACCEPT_TABLE"
+#: Worker processes the table can hold at once (more are served, without balancing).
+SLOTS = 256
+#: How long a busier worker leaves a new connection to an idler one (seconds).
+YIELD_FOR = 0.002
+#: After the idler worker failed to take a connection in time, accept without deferring
+#: for this long (seconds).
+TRUST_AGAIN_AFTER = 0.1
+
+_ITEM = 8  # one signed 64-bit count per slot; slot 0 holds the highest slot in use
+
+
+def should_yield(mine: int, others: list[int]) -> bool:
+    """
+    Whether a worker with ``mine`` open connections should leave the next one to another.
+
+    :param others: the counts of the other workers (-1: not accepting, ignored).
+    :return: true when some accepting worker holds clearly fewer: more than 2 fewer,
+        plus one for every 8 this worker holds (so 25/25, 27/23 and small jitter never
+        defer, 30/20 does).
+    """
+    accepting = [n for n in others if n >= 0]
+    if not accepting:
+        return False
+    return min(accepting) + 2 + mine // 8 < mine
+
+
+class AcceptTable:
+    """
+    The shared table, seen by the master (which assigns slots) or by one worker.
+
+    :param fd: a descriptor of the table's file (the master's, or the one a worker
+        inherited); the table maps it and does not keep it.
+    :param slot: this worker's slot (1..SLOTS); ``None`` in the master.
+    """
+
+    def __init__(self, fd: int, slot: Optional[int] = None) -> None:
+        self._map = mmap.mmap(fd, _ITEM * (SLOTS + 1))
+        self._counts: Any = memoryview(self._map).cast("q")
+        self.slot = slot
+        self._used: set[int] = set()
+
+    # --- master side ------------------------------------------------------------------
+
+    @classmethod
+    def create(cls) -> tuple[AcceptTable, IO[bytes]]:
+        """
+        Make a table in an unlinked temporary file (nothing to clean up, even after
+        ``kill -9``). Keep the returned file open while workers may be spawned: its
+        descriptor is what they inherit.
+        """
+        backing = tempfile.TemporaryFile()
+        backing.truncate(_ITEM * (SLOTS + 1))
+        table = cls(backing.fileno())
+        for i in range(1, SLOTS + 1):
+            table._counts[i] = -1
+        return table, backing
+
+    def claim(self) -> Optional[int]:
+        """The lowest free slot, now reserved for a new worker process; ``None`` if full."""
+        for i in range(1, SLOTS + 1):
+            if i not in self._used:
+                self._used.add(i)
+                self._counts[i] = -1  # not accepting until the worker says so
+                self._counts[0] = max(self._used)
+                return i
+        return None
+
+    def release(self, slot: int) -> None:
+        """The worker process of ``slot`` is gone: it accepts nothing any more."""
+        self._used.discard(slot)
+        self._counts[slot] = -1
+        self._counts[0] = max(self._used, default=0)
+
+    def snapshot(self) -> dict[int, int]:
+        """The claimed slots and what their workers published (-1: not accepting)."""
+        return {i: int(self._counts[i]) for i in sorted(self._used)}
+
+    # --- worker side ------------------------------------------------------------------
+
+    @classmethod
+    def inherited(cls, value: Optional[str] = None) -> Optional[AcceptTable]:
+        """
+        The table a worker's master passed down (``ENV_VAR``), or ``None`` without one.
+
+        The inherited descriptor is closed once mapped.
+        """
+        value = os.environ.get(ENV_VAR) if value is None else value
+        fd_text, _, slot_text = (value or "").partition(":")
+        if not (fd_text.isdigit() and slot_text.isdigit()):
+            return None
+        fd = int(fd_text)
+        try:
+            table = cls(fd, int(slot_text))
+        except (OSError, ValueError):
+            return None
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return table
+
+    def publish(self, connections: int) -> None:
+        """Tell the others how many client connections this worker holds."""
+        if self.slot is not None:
+            self._counts[self.slot] = connections
+
+    def leave(self) -> None:
+        """This worker accepts no more (it drains): never leave a connection to it."""
+        if self.slot is not None:
+            self._counts[self.slot] = -1
+
+    def should_yield(self) -> bool:
+        """:func:`should_yield` for this worker against the others in the table."""
+        slot = self.slot
+        if slot is None:
+            return False
+        counts = self._counts
+        mine = counts[slot]
+        if mine <= 2:
+            return False  # the common case at light load: no need to look
+        last = min(int(counts[0]), SLOTS)
+        others = [counts[i] for i in range(1, last + 1) if i != slot]
+        return should_yield(mine, others)
+
+    def close(self) -> None:
+        """Unmap the table."""
+        self._counts.release()
+        self._map.close()
