@@ -83,6 +83,15 @@ def test_no_or_a_bad_inherited_table_means_no_balancing(value, monkeypatch) -> N
     assert AcceptTable.inherited(value) is None
 
 
+def busier_than_its_peer(table: AcceptTable) -> AcceptTable:
+    """Two workers in the table: the returned one holds 40 connections, the other none."""
+    busy, other = table.claim(), table.claim()
+    worker_view(table, other).publish(0)
+    view = worker_view(table, busy)
+    view.publish(40)
+    return view
+
+
 class Counting(protocol.Protocol):
     def connectionMade(self) -> None:
         self.factory.accepted.append(self)  # type: ignore[attr-defined]
@@ -98,10 +107,7 @@ def counting_factory() -> Any:
 def test_a_busier_worker_leaves_a_connection_to_an_idler_one(table):
     """Two ports on one shared socket, as two workers: the busier one yields."""
     listener = bind_listener("127.0.0.1", 0)
-    busy_slot, idle_slot = table.claim(), table.claim()
-    busy_view = worker_view(table, busy_slot)
-    busy_view.publish(40)
-    worker_view(table, idle_slot).publish(0)
+    busy_view = busier_than_its_peer(table)
     busy_factory, idle_factory = counting_factory(), counting_factory()
     busy = adopt_port(_reactor, listener.fileno(), busy_factory, peers=busy_view)
     idle = adopt_port(_reactor, listener.fileno(), idle_factory)
@@ -125,10 +131,7 @@ def test_when_no_one_takes_it_the_busier_worker_accepts_after_a_moment(table, mo
     monkeypatch.setattr(sockets, "YIELD_FOR", 0.5)
     monkeypatch.setattr(sockets, "TRUST_AGAIN_AFTER", 60.0)
     listener = bind_listener("127.0.0.1", 0)
-    busy_slot, stuck_slot = table.claim(), table.claim()
-    view = worker_view(table, busy_slot)
-    view.publish(40)
-    worker_view(table, stuck_slot).publish(0)
+    view = busier_than_its_peer(table)
     factory = counting_factory()
     port: Any = adopt_port(_reactor, listener.fileno(), factory, peers=view)
     clients = []
@@ -153,10 +156,7 @@ def test_when_no_one_takes_it_the_busier_worker_accepts_after_a_moment(table, mo
 def test_stopping_while_yielding_cancels_the_resume(table, monkeypatch):
     monkeypatch.setattr(sockets, "YIELD_FOR", 60.0)
     listener = bind_listener("127.0.0.1", 0)
-    busy_slot, idle_slot = table.claim(), table.claim()
-    view = worker_view(table, busy_slot)
-    view.publish(40)
-    worker_view(table, idle_slot).publish(0)
+    view = busier_than_its_peer(table)
     port: Any = adopt_port(_reactor, listener.fileno(), counting_factory(), peers=view)
     client = socket.create_connection(listener.getsockname())
     try:

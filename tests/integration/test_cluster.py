@@ -237,18 +237,22 @@ def test_a_hung_worker_is_killed_and_respawned(reactor, upstream, gateways):
     assert gw.workers()[2] != victim
 
 
-@pytest_twisted.inlineCallbacks
-def test_cluster_manager_api_with_a_worker_script(reactor):
-    """The spec's ClusterManager(config, logger, worker_script) from Python, in-process."""
-    script = os.path.join(ROOT, "tests", "integration", "worker_script.py")
-    events = []
-    manager = ClusterManager(
+def script_manager(reactor) -> ClusterManager:
+    """An in-process ClusterManager of two workers running tests/integration/worker_script.py."""
+    return ClusterManager(
         {"server": {"host": "127.0.0.1", "port": 0}, "cluster": {"enabled": True, "workers": 2}},
         None,
-        script,
+        os.path.join(ROOT, "tests", "integration", "worker_script.py"),
         reactor=reactor,
         extra_env={"PYTHONPATH": ROOT},
     )
+
+
+@pytest_twisted.inlineCallbacks
+def test_cluster_manager_api_with_a_worker_script(reactor):
+    """The spec's ClusterManager(config, logger, worker_script) from Python, in-process."""
+    events = []
+    manager = script_manager(reactor)
     manager.on("worker-spawn", lambda wid: events.append(("spawn", wid)))
     manager.on("worker-ready", lambda wid: events.append(("ready", wid)))
     manager.on("worker-exit", lambda wid, code, sig: events.append(("exit", wid, code, sig)))
@@ -280,14 +284,7 @@ def test_cluster_manager_api_with_a_worker_script(reactor):
 @pytest_twisted.inlineCallbacks
 def test_workers_publish_their_connection_counts_for_fair_accepting(reactor):
     """The table behind fair accepting (bungate/cluster/accept.py), in real workers."""
-    script = os.path.join(ROOT, "tests", "integration", "worker_script.py")
-    manager = ClusterManager(
-        {"server": {"host": "127.0.0.1", "port": 0}, "cluster": {"enabled": True, "workers": 2}},
-        None,
-        script,
-        reactor=reactor,
-        extra_env={"PYTHONPATH": ROOT},
-    )
+    manager = script_manager(reactor)
     clients = []
     try:
         yield manager.start()
