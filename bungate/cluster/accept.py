@@ -69,7 +69,10 @@ class AcceptTable:
 
     def __init__(self, fd: int, slot: Optional[int] = None) -> None:
         self._map = mmap.mmap(fd, _ITEM * (SLOTS + 1))
-        self._counts: Any = memoryview(self._map).cast("q")
+        # Both views are kept so that close() can release both before unmapping: PyPy
+        # unmaps even while a view still exports the memory.
+        self._bytes = memoryview(self._map)
+        self._counts: Any = self._bytes.cast("q")
         self.slot = slot
         self._used: set[int] = set()
 
@@ -160,4 +163,5 @@ class AcceptTable:
     def close(self) -> None:
         """Unmap the table."""
         self._counts.release()
+        self._bytes.release()
         self._map.close()

@@ -41,7 +41,10 @@ def test_should_yield(mine: int, others: List[int], expected: bool) -> None:
 def table():
     master, backing = AcceptTable.create()
     master.backing = backing  # type: ignore[attr-defined]
+    master.views = []  # type: ignore[attr-defined]
     yield master
+    for view in master.views:
+        view.close()
     master.close()
     backing.close()
 
@@ -50,6 +53,7 @@ def worker_view(master: AcceptTable, slot: int) -> AcceptTable:
     """What a worker inherits: its own descriptor of the table and its slot."""
     view = AcceptTable.inherited(f"{os.dup(master.backing.fileno())}:{slot}")
     assert view is not None
+    master.views.append(view)  # closed by the fixture
     return view
 
 
@@ -67,8 +71,6 @@ def test_the_master_hands_out_slots_and_clears_those_of_gone_workers(table) -> N
     assert not one.should_yield()
     assert table.claim() == 2  # reused, and not accepting until its worker publishes
     assert not one.should_yield()
-    one.close()
-    two.close()
 
 
 def test_a_full_table_serves_without_balancing(table) -> None:
