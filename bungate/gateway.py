@@ -278,8 +278,6 @@ class Gateway:
             self._draining = True
             if self._accept_table is not None:
                 self._accept_table.leave()
-                if self.site is not None:
-                    self.site.on_connections = None
             if self.dispatcher is not None:
                 self.dispatcher.close()
             stops = [defer.maybeDeferred(p.stopListening) for p in self.ports]

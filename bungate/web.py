@@ -201,10 +201,7 @@ class GatewayChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         """Register with the site."""
         super().connectionMade()
-        site = self.site
-        site.channels.add(self)
-        if site.on_connections is not None:
-            site.on_connections(len(site.channels))
+        self.site.channel_opened(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         """Unregister; the site notices when the last connection of a drain is gone."""
@@ -339,6 +336,12 @@ class GatewaySite(server.Site):
         d.addCallback(cancel_deadline)
         self.channel_closed(None)
         return d
+
+    def channel_opened(self, channel: GatewayChannel) -> None:
+        """Track a new connection."""
+        self.channels.add(channel)
+        if self.on_connections is not None:
+            self.on_connections(len(self.channels))
 
     def channel_closed(self, channel: Optional[GatewayChannel]) -> None:
         """Forget a closed connection; complete the drain when none is left."""

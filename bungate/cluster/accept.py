@@ -143,9 +143,13 @@ class AcceptTable:
             self._counts[self.slot] = connections
 
     def leave(self) -> None:
-        """This worker accepts no more (it drains): never leave a connection to it."""
+        """
+        This worker accepts no more (it drains): never leave a connection to it. Later
+        :meth:`publish` calls (its connections closing) change nothing.
+        """
         if self.slot is not None:
             self._counts[self.slot] = -1
+            self.slot = None
 
     def should_yield(self) -> bool:
         """:func:`should_yield` for this worker against the others in the table."""

@@ -66,8 +66,11 @@ def test_the_master_hands_out_slots_and_clears_those_of_gone_workers(table) -> N
     assert one.should_yield() and not two.should_yield()
     two.leave()  # draining: never leave a connection to it
     assert not one.should_yield()
-    two.publish(20)
-    table.release(b)  # its process exited (kill -9 leaves no chance to leave())
+    two.publish(20)  # its connections closing while it drains change nothing
+    assert not one.should_yield()
+    worker_view(table, b).publish(20)  # a worker killed before it could leave()
+    assert one.should_yield()
+    table.release(b)  # its process exited: the master clears its slot
     assert not one.should_yield()
     assert table.claim() == 2  # reused, and not accepting until its worker publishes
     assert not one.should_yield()
