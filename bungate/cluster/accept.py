@@ -157,12 +157,9 @@ class AcceptTable:
         if slot is None:
             return False
         counts = self._counts
-        mine = counts[slot]
-        if mine <= 2:
-            return False  # the common case at light load: no need to look
         last = min(int(counts[0]), SLOTS)
         others = [counts[i] for i in range(1, last + 1) if i != slot]
-        return should_yield(mine, others)
+        return should_yield(counts[slot], others)
 
     def close(self) -> None:
         """Unmap the table."""
