@@ -124,25 +124,22 @@ class _EagerWrites:
             self.startWriting()  # type: ignore[attr-defined]
 
     def _send_gathering(self) -> None:
-        """Send the bytes written during a delivery, unless Twisted's path took over."""
+        """
+        Send the bytes written during a delivery, by the same rule as :meth:`write`:
+        at once when nothing stands in the way, else through Twisted's path (a closing
+        connection, a paused or pull producer: the reactor writes them and resumes it).
+        """
         self._gathering_writes = False
         pieces = self._tempDataBuffer
-        if not pieces or self.dataBuffer or not self.connected:
+        if not pieces:
             return
-        if self.disconnecting or self._writeDisconnecting or self._aborting:
-            return  # loseConnection() has the reactor write them; an abort drops them
         self._tempDataBuffer = []
         self._tempDataLen = 0
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        producer = self.producer
-        if producer is not None and (self.producerPaused or not self.streamingProducer):
-            # More than a buffer's worth was written, or a pull producer (FileSender)
-            # waits to be asked for more: the reactor's write path resumes either.
-            self.dataBuffer = data
-            self.offset = 0
-            self.startWriting()  # type: ignore[attr-defined]
-        else:
+        if self._may_send_now():
             self._send(data)
+        else:
+            super().write(data)  # type: ignore[misc]
 
 
 def _send_gathered() -> None:
