@@ -19,6 +19,11 @@ connection at most ``YIELD_FOR`` of latency, and never the connection.
 Stale entries are harmless by construction: a count too high never makes anyone wait, a
 count too low costs at most ``YIELD_FOR`` per connection until the master clears the slot
 of a dead worker (on its exit) or the peer accepts.
+
+The same table also counts the requests each worker has answered, with its worker id and
+pid, so that any worker can show the whole fleet's load in ``/health``
+(:meth:`AcceptTable.workers`): the share of requests per worker, live, at the price of
+one increment in shared memory per request.
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ YIELD_FOR = 0.002
 #: for this long (seconds).
 TRUST_AGAIN_AFTER = 0.1
 
-_ITEM = 8  # one signed 64-bit count per slot; slot 0 holds the highest slot in use
+_ITEM = 8  # every field is a signed 64-bit integer
+# Fields, each an array of SLOTS + 1 integers indexed by slot. Index 0 of CONNECTIONS
+# holds the highest slot in use (so readers scan only that far).
+_CONNECTIONS, _REQUESTS, _WORKER_ID, _PID = range(4)
+_SIZE = _ITEM * 4 * (SLOTS + 1)
+
+
+def _at(field: int, slot: int) -> int:
+    return field * (SLOTS + 1) + slot
 
 
 def should_yield(mine: int, others: list[int]) -> bool:
@@ -68,12 +81,15 @@ class AcceptTable:
     """
 
     def __init__(self, fd: int, slot: Optional[int] = None) -> None:
-        self._map = mmap.mmap(fd, _ITEM * (SLOTS + 1))
+        self._map = mmap.mmap(fd, _SIZE)
         # Both views are kept so that close() can release both before unmapping: PyPy
         # unmaps even while a view still exports the memory.
         self._bytes = memoryview(self._map)
         self._counts: Any = self._bytes.cast("q")
         self.slot = slot
+        #: Where this worker counts its requests; kept after :meth:`leave` (a draining
+        #: worker still answers).
+        self._requests_at = None if slot is None else _at(_REQUESTS, slot)
         self._used: set[int] = set()
 
     # --- master side ------------------------------------------------------------------
@@ -86,19 +102,27 @@ class AcceptTable:
         descriptor is what they inherit.
         """
         backing = tempfile.TemporaryFile()
-        backing.truncate(_ITEM * (SLOTS + 1))
+        backing.truncate(_SIZE)
         table = cls(backing.fileno())
         for i in range(1, SLOTS + 1):
             table._counts[i] = -1
         return table, backing
 
-    def claim(self) -> Optional[int]:
-        """The lowest free slot, now reserved for a new worker process; ``None`` if full."""
+    def claim(self, worker_id: int = 0) -> Optional[int]:
+        """
+        The lowest free slot, now reserved for a new worker process; ``None`` if full.
+
+        :param worker_id: the worker the process will be, shown by :meth:`workers`.
+        """
         for i in range(1, SLOTS + 1):
             if i not in self._used:
                 self._used.add(i)
-                self._counts[i] = -1  # not accepting until the worker says so
-                self._counts[0] = max(self._used)
+                counts = self._counts
+                counts[i] = -1  # not accepting until the worker says so
+                counts[_at(_REQUESTS, i)] = 0
+                counts[_at(_WORKER_ID, i)] = worker_id
+                counts[_at(_PID, i)] = 0  # unknown until the worker starts
+                counts[0] = max(self._used)
                 return i
         return None
 
@@ -106,6 +130,7 @@ class AcceptTable:
         """The worker process of ``slot`` is gone: it accepts nothing any more."""
         self._used.discard(slot)
         self._counts[slot] = -1
+        self._counts[_at(_PID, slot)] = 0
         self._counts[0] = max(self._used, default=0)
 
     def snapshot(self) -> dict[int, int]:
@@ -125,9 +150,11 @@ class AcceptTable:
         fd_text, _, slot_text = (value or "").partition(":")
         if not (fd_text.isdigit() and slot_text.isdigit()):
             return None
-        fd = int(fd_text)
+        fd, slot = int(fd_text), int(slot_text)
         try:
-            table = cls(fd, int(slot_text))
+            if not 1 <= slot <= SLOTS:
+                return None
+            table = cls(fd, slot)
         except (OSError, ValueError):
             return None
         finally:
@@ -135,12 +162,19 @@ class AcceptTable:
                 os.close(fd)
             except OSError:
                 pass
+        table._counts[_at(_PID, slot)] = os.getpid()
         return table
 
     def publish(self, connections: int) -> None:
         """Tell the others how many client connections this worker holds."""
         if self.slot is not None:
             self._counts[self.slot] = connections
+
+    def count_request(self) -> None:
+        """One more request answered (or abandoned by its client) by this worker."""
+        at = self._requests_at
+        if at is not None:
+            self._counts[at] += 1
 
     def leave(self) -> None:
         """
@@ -160,6 +194,26 @@ class AcceptTable:
         last = min(int(counts[0]), SLOTS)
         others = [counts[i] for i in range(1, last + 1) if i != slot]
         return should_yield(counts[slot], others)
+
+    def workers(self) -> list[dict[str, int]]:
+        """
+        Every worker process in the table, as its workers see it: ``id``, ``pid``,
+        ``connections`` (-1: not accepting) and ``requests`` answered so far.
+        """
+        counts = self._counts
+        out = []
+        for i in range(1, min(int(counts[0]), SLOTS) + 1):
+            pid = int(counts[_at(_PID, i)])
+            if pid > 0:
+                out.append(
+                    {
+                        "id": int(counts[_at(_WORKER_ID, i)]),
+                        "pid": pid,
+                        "connections": int(counts[i]),
+                        "requests": int(counts[_at(_REQUESTS, i)]),
+                    }
+                )
+        return out
 
     def close(self) -> None:
         """Unmap the table."""

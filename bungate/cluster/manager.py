@@ -376,7 +376,7 @@ class ClusterManager:
         self._release_accept_slot(slot.id)  # a respawn: its previous process is gone
         if self._accept is None:
             self._accept = AcceptTable.create()
-        table_slot = self._accept[0].claim()
+        table_slot = self._accept[0].claim(slot.id)
         if table_slot is not None:
             self._accept_slots[slot.id] = table_slot
         return table_slot

@@ -76,13 +76,37 @@ def test_the_master_hands_out_slots_and_clears_those_of_gone_workers(table) -> N
     assert not one.should_yield()
 
 
+def test_workers_count_their_requests_and_every_worker_sees_the_fleet(table) -> None:
+    a, b = table.claim(worker_id=1), table.claim(worker_id=2)
+    one, two = worker_view(table, a), worker_view(table, b)
+    one.publish(3)
+    two.publish(0)
+    for _ in range(5):
+        one.count_request()
+    two.count_request()
+    one.leave()  # a draining worker still answers, and still counts
+    one.count_request()
+    pid = os.getpid()
+    assert two.workers() == [
+        {"id": 1, "pid": pid, "connections": -1, "requests": 6},
+        {"id": 2, "pid": pid, "connections": 0, "requests": 1},
+    ]
+    table.release(a)  # gone: no longer listed; its replacement starts from zero
+    assert [w["id"] for w in two.workers()] == [2]
+    assert table.claim(worker_id=1) == a
+    assert [w["id"] for w in two.workers()] == [2]  # listed once its process maps the table
+    assert worker_view(table, a).workers()[0] == {
+        "id": 1, "pid": pid, "connections": -1, "requests": 0,
+    }  # fmt: skip
+
+
 def test_a_full_table_serves_without_balancing(table) -> None:
     claimed = [table.claim() for _ in range(SLOTS)]
     assert claimed == list(range(1, SLOTS + 1))
     assert table.claim() is None
 
 
-@pytest.mark.parametrize("value", [None, "", "x", "3", "3:", ":1", "999999:1"])
+@pytest.mark.parametrize("value", [None, "", "x", "3", "3:", ":1", "999999:1", "999999:0"])
 def test_no_or_a_bad_inherited_table_means_no_balancing(value, monkeypatch) -> None:
     monkeypatch.delenv("BUNGATE_ACCEPT_TABLE", raising=False)
     assert AcceptTable.inherited(value) is None
