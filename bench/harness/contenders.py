@@ -180,6 +180,14 @@ class Contender:
         """:return: the URL of ``path`` on this server."""
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def served(self) -> Optional[Dict[str, int]]:
+        """
+        Requests each worker has answered so far, if the server tells.
+
+        :return: ``{worker: requests}``, or ``None`` when the server has no such figure.
+        """
+        return None
+
     #: The signal that makes the server replace its workers without downtime, if any.
     roll_signal: Optional[int] = None
     #: How the roll is named in tables.
@@ -394,6 +402,22 @@ class Bungate(Contender):
     def env(self) -> Dict[str, str]:
         """:return: our environment, with unbuffered output for readable logs."""
         return dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def served(self) -> Optional[Dict[str, int]]:
+        """
+        The ``workers`` list of ``/health``: every worker's answered requests (read from
+        the table the workers share, so any worker answers for all of them).
+
+        :return: ``{"<id>/<pid>": requests}``, or ``None`` if ``/health`` did not tell.
+        """
+        try:
+            status, body, _ = probe.get(self.port, "/health", timeout=5.0)
+            workers = json.loads(body).get("workers") if status == 200 else None
+            if not workers:
+                return None
+            return {f"{w['id']}/{w['pid']}": int(w["requests"]) for w in workers}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
 
 
 def default_python() -> str:

@@ -6,6 +6,7 @@ Every scenario returns ``{contender name: result dict}``; a result dict has a ``
 
 import http.client
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -92,32 +93,54 @@ def _failed(reason: str) -> Dict[str, object]:
     return {"status": "failed", "reason": reason}
 
 
-def _worker_share(contender: Contender, cpu_before: Dict[int, float]) -> Dict[str, object]:
-    """Per-worker share of CPU time used since ``cpu_before`` (a proxy for requests)."""
-    deltas = {}
-    for pid, before in cpu_before.items():
-        after = procs.cpu_seconds(pid)
-        if after is not None:
-            deltas[pid] = after - before
+def _request_share(
+    before: Optional[Dict[str, int]], after: Optional[Dict[str, int]]
+) -> Optional[Dict[str, object]]:
+    """
+    Each worker's share of the requests answered between two :meth:`Contender.served`
+    readings; ``None`` unless the same workers were there at both.
+    """
+    if not before or not after or set(before) != set(after):
+        return None
+    deltas = {w: after[w] - before[w] for w in sorted(before)}
     total = sum(deltas.values())
-    return {pid: round(d / total, 3) if total > 0 else None for pid, d in sorted(deltas.items())}
+    return {w: round(d / total, 3) for w, d in deltas.items()} if total > 0 else None
 
 
-def _cpu_snapshot(contender: Contender) -> Dict[int, float]:
-    snap = {}
-    for pid in contender.worker_pids():
-        cpu = procs.cpu_seconds(pid)
-        if cpu is not None:
-            snap[pid] = cpu
-    return snap
+def _cpu_total(pids: List[int]) -> float:
+    """CPU seconds used so far by these processes (those still there)."""
+    return sum(filter(None, (procs.cpu_seconds(pid) for pid in pids)))
+
+
+def _children_cpu() -> float:
+    """CPU seconds of our reaped children: wrk's, once it has exited."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _measured_run(
-    contender: Contender, path: str, settings: Settings, seconds: int
+    contender: Contender,
+    path: str,
+    settings: Settings,
+    seconds: int,
+    upstream: Optional[Contender] = None,
 ) -> Dict[str, object]:
-    """One counted wrk run with memory, per-worker CPU share and connection counts."""
+    """
+    One counted wrk run with memory, CPU per request and, for several workers, the
+    share of requests and the connections each worker holds.
+
+    The CPU accounting tells whether the server or the machine is the limit: the server's
+    processes, and wrk plus the upstream (which share the same cores), in microseconds
+    per request, and how many cores all of them kept busy.
+    """
     memory = Memory(contender)
-    cpu_before = _cpu_snapshot(contender)
+    server_pids = contender.pids()
+    upstream_pids = upstream.pids() if upstream is not None and upstream is not contender else []
+    served_before = contender.served() if contender.workers > 1 else None
+    cpu_server, cpu_upstream, cpu_wrk = (
+        _cpu_total(server_pids), _cpu_total(upstream_pids), _children_cpu(),
+    )  # fmt: skip
+    started = time.monotonic()
     conns: Dict[int, int] = {}
 
     def tick(elapsed: float) -> None:
@@ -133,10 +156,19 @@ def _measured_run(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    wall = time.monotonic() - started
+    cpu_server = _cpu_total(server_pids) - cpu_server
+    cpu_others = _cpu_total(upstream_pids) - cpu_upstream + _children_cpu() - cpu_wrk
     run = result.as_dict()
     run["memory"] = memory
+    if result.requests:
+        run["cpu_us_per_request"] = {
+            "server": round(cpu_server / result.requests * 1e6, 1),
+            "wrk_and_upstream": round(cpu_others / result.requests * 1e6, 1),
+        }
+        run["cores_busy"] = round((cpu_server + cpu_others) / wall, 2)
     if contender.workers > 1:
-        run["cpu_share"] = _worker_share(contender, cpu_before)
+        run["request_share"] = _request_share(served_before, contender.served())
         run["connections"] = conns
     return run
 
@@ -147,6 +179,7 @@ def throughput(
     settings: Settings,
     warmup: int,
     log: Callable[[str], None],
+    upstream: Optional[Contender] = None,
 ) -> Dict[str, Dict[str, object]]:
     """
     Load every contender with wrk, interleaved and repeated (A B C A B C ...).
@@ -156,6 +189,7 @@ def throughput(
     :param settings: durations and repetitions.
     :param warmup: seconds of warm-up before each counted run (0: none).
     :param log: progress output.
+    :param upstream: the upstream every proxy forwards to, for its CPU per request.
     :return: per contender: medians and ranges over the counted runs.
     """
     runs: Dict[str, List[Dict[str, object]]] = {c.name: [] for c in contenders}
@@ -176,7 +210,8 @@ def throughput(
                     seconds = max(warmup, settings.warmup_pypy)
                 if seconds:
                     wrk.run(c.url(path), seconds, settings.connections)
-                runs[c.name].append(_measured_run(c, path, settings, settings.duration))
+                run = _measured_run(c, path, settings, settings.duration, upstream)
+                runs[c.name].append(run)
             except (wrk.WrkError, RuntimeError, OSError, http.client.HTTPException) as e:
                 errors[c.name] = str(e)
     out = {}
@@ -217,8 +252,13 @@ def _summarise(runs: List[Dict[str, object]]) -> Dict[str, object]:
         "memory": memory.as_dict(),
         "runs": runs,
     }
-    if "cpu_share" in runs[-1]:
-        summary["cpu_share"] = runs[-1]["cpu_share"]
+    if "cpu_us_per_request" in runs[0]:
+        for key in ("server", "wrk_and_upstream"):
+            per_run = [r.get("cpu_us_per_request", {}).get(key) for r in runs]
+            summary[f"cpu_us_{key}"] = _median(per_run)
+        summary["cores_busy"] = _median([r.get("cores_busy") for r in runs])
+    if "connections" in runs[-1]:
+        summary["request_share"] = runs[-1]["request_share"]
         summary["connections"] = runs[-1]["connections"]
     return summary
 
