@@ -540,7 +540,7 @@ class Dispatcher:
         sink = _ProxySink(self, request, route, target, method, chain, on_result, on_failure)
         head = serialize_head(method, prefix + uri, lines)
         sink.timeout = route.config.timeout if timeout is None else timeout
-        sink.timer = self.clock.callLater(sink.timeout, sink.timed_out)
+        sink.timer = self.clock.callLater(sink.timeout, sink.time_is_up)
         request.on_abort = sink.client_gone
         sink.exchange = self.upstreams.request(target, method, head, body, sink)
 
@@ -676,6 +676,19 @@ class _ProxySink:
 
     # --- events from our side ---------------------------------------------------------
 
+    def time_is_up(self) -> None:
+        """
+        The exchange's one timer fired: before the response head, the route's timeout
+        for the head; once the body streams, the same timeout for the next piece.
+
+        One ``DelayedCall`` serves both phases, moved with ``reset`` (for a later time
+        Twisted only updates a number): a callLater and a cancel fewer per request.
+        """
+        if self.producer is None:
+            self.timed_out()
+        else:
+            self._body_stalled()
+
     def timed_out(self) -> None:
         """No response head within the route's timeout: give up on the upstream."""
         self.timer = None
@@ -706,7 +719,6 @@ class _ProxySink:
         producer: Any,
     ) -> None:
         """Write the status line and headers; start streaming unless there is no body."""
-        self._cancel_timer()
         request = self.request
         if self.on_result is not None:
             self.on_result("ok", code)
@@ -735,6 +747,7 @@ class _ProxySink:
             try:
                 run_response_middlewares(self.chain, request, code, out)
             except Exception:
+                self._cancel_timer()
                 self.request.on_abort = None
                 self.exchange.cancel()
                 self.dispatcher._middleware_failed(request, "response")
@@ -745,7 +758,13 @@ class _ProxySink:
             # The route's timeout also bounds each wait for more of the body, so a stalled
             # upstream cannot hold the client connection forever (nginx's
             # proxy_read_timeout); it does not run while a slow client paused the read.
-            self.timer = self.dispatcher.clock.callLater(self.timeout, self._body_stalled)
+            timer = self.timer
+            if timer is not None:
+                timer.reset(self.timeout)
+            else:
+                self.timer = self.dispatcher.clock.callLater(self.timeout, self.time_is_up)
+        else:
+            self._cancel_timer()
 
     def upstream_data(self, data: bytes) -> None:
         """Relay a piece of the body."""
@@ -757,7 +776,7 @@ class _ProxySink:
     def _body_stalled(self) -> None:
         producer = self.producer
         if producer is not None and producer.paused:
-            self.timer = self.dispatcher.clock.callLater(self.timeout, self._body_stalled)
+            self.timer = self.dispatcher.clock.callLater(self.timeout, self.time_is_up)
             return
         self.timer = None
         self.exchange.cancel()

@@ -116,6 +116,10 @@ class _Upstream(resource.Resource):
             request.write(b"x" * 1000)  # ... and nothing more, until the client gives up
             request.notifyFinish().addErrback(lambda _: self.owner.cancelled.append(request))
             return server.NOT_DONE_YET
+        if path == b"/hold":
+            # Nothing until the test writes to the request (found in ``requests``).
+            request.notifyFinish().addErrback(lambda _: self.owner.cancelled.append(request))
+            return server.NOT_DONE_YET
         if path == b"/cookies":
             request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1; Path=/", b"b=2; Path=/"])
             request.setHeader(b"x-custom", b"kept")
@@ -186,7 +190,8 @@ class UpstreamServer:
 
     Endpoints: anything else echoes the request as JSON; ``/status/NNN``; ``/slow?delay=S``;
     ``/big?size=N`` (streams with backpressure); ``/chunked``; ``/reset-mid-body``;
-    ``/stall-mid-body`` (sends part of the body, then nothing);
+    ``/stall-mid-body`` (sends part of the body, then nothing); ``/hold`` (sends nothing
+    until the test writes to the request itself);
     ``/cookies`` (repeated Set-Cookie, hop-by-hop headers to strip); ``/redirect``;
     ``/gzip``.
     """

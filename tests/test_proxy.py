@@ -10,6 +10,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
 
 from bungate import Gateway, Response
 from bungate.testing import wait_until
@@ -258,6 +259,34 @@ def test_upstream_stalled_mid_body_is_cut_after_the_route_timeout(gateway, upstr
     assert status == 200 and headers[b"content-length"] == [b"100000"]
     assert len(body.replace(b"<RESET>", b"")) == 1000  # what came, then the cut
     yield wait_until(_reactor, lambda: upstream.cancelled, 5, what="the upstream to be dropped")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_route_timeout_restarts_when_the_head_arrives(gateway, upstream):
+    """
+    The timeout (0.5 s) bounds the wait for the head, then each wait for more body: a
+    head at 0.4 s and the rest of the body 0.4 s later is on time (one timer serves both
+    phases; a fake clock drives it, the sockets are real).
+    """
+    clock = Clock()
+    gateway.dispatcher.clock = clock
+    response = treq.get(gateway.url + "/api/hold", persistent=False)
+    yield wait_until(_reactor, lambda: any(r.path == b"/api/hold" for r in upstream.requests), 5)
+    held = upstream.requests[-1]
+    clock.advance(0.4)
+    upstream_side = held.channel.transport
+    upstream_side.write(b"HTTP/1.1 203 OK\r\nContent-Length: 4\r\n\r\n")  # the head alone
+
+    def head_taken() -> bool:  # the gateway holds it until the body comes
+        return any(r.code == 203 for c in gateway.site.channels for r in c.requests)
+
+    yield wait_until(_reactor, head_taken, 5, what="the gateway to read the head")
+    clock.advance(0.4)  # 0.8 s after the request: past the head's deadline, not the body's
+    upstream_side.write(b"abcd")
+    r = yield response.addTimeout(5, _reactor)
+    body = yield r.content().addTimeout(5, _reactor)
+    assert r.code == 203 and body == b"abcd"
+    upstream_side.loseConnection()
 
 
 @pytest_twisted.inlineCallbacks
