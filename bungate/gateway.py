@@ -43,18 +43,6 @@ def _set_title(title: str) -> None:
         pass
 
 
-def _counting(
-    count: Callable[[], None], on_done: Callable[[Any, bool], None]
-) -> Callable[[Any, bool], None]:
-    """``on_done`` that also counts the request (a worker's share, in the accept table)."""
-
-    def done(request: Any, completed: bool) -> None:
-        count()
-        on_done(request, completed)
-
-    return done
-
-
 class Gateway:
     """
     An HTTP API gateway.
@@ -230,7 +218,7 @@ class Gateway:
         if peers is not None:
             peers.publish(0)
             site.on_connections = peers.publish
-            site.on_done = _counting(peers.count_request, site.on_done)
+            site.on_request = peers.count_request
         port = adopt_port(
             self.reactor, fds["main"], observe.wrap_tls(self.config, site), peers=peers
         )

@@ -115,6 +115,8 @@ class GatewayRequest(server.Request):
         site: Any = self.channel.site  # type: ignore[attr-defined]
         self.site = site
         self.started = site.clock.seconds()
+        if site.on_request is not None:
+            site.on_request()
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", [_SERVER])
         headers.setRawHeaders(b"date", [_http_date()])
@@ -302,6 +304,8 @@ class GatewaySite(server.Site):
         self.keepalive_requests = keepalive_requests
         #: Called with the number of open connections whenever it changes.
         self.on_connections: Optional[Callable[[int], None]] = None
+        #: Called as each request arrives, before it is dispatched.
+        self.on_request: Optional[Callable[[], None]] = None
         self.channels: set[GatewayChannel] = set()
         self.draining = False
         self._drained: Once[None] = Once()

@@ -20,7 +20,7 @@ Stale entries are harmless by construction: a count too high never makes anyone 
 count too low costs at most ``YIELD_FOR`` per connection until the master clears the slot
 of a dead worker (on its exit) or the peer accepts.
 
-The same table also counts the requests each worker has answered, with its worker id and
+The same table also counts the requests each worker has received, with its worker id and
 pid, so that any worker can show the whole fleet's load in ``/health``
 (:meth:`AcceptTable.workers`): the share of requests per worker, live, at the price of
 one increment in shared memory per request.
@@ -171,7 +171,7 @@ class AcceptTable:
             self._counts[self.slot] = connections
 
     def count_request(self) -> None:
-        """One more request answered (or abandoned by its client) by this worker."""
+        """One more request arrived at this worker (counted before it is answered)."""
         at = self._requests_at
         if at is not None:
             self._counts[at] += 1
@@ -198,7 +198,7 @@ class AcceptTable:
     def workers(self) -> list[dict[str, int]]:
         """
         Every worker process in the table, as its workers see it: ``id``, ``pid``,
-        ``connections`` (-1: not accepting) and ``requests`` answered so far.
+        ``connections`` (-1: not accepting) and ``requests`` received so far.
         """
         counts = self._counts
         out = []

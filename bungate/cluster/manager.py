@@ -497,13 +497,21 @@ class ClusterManager:
         )
 
     def worker_info(self) -> list[dict[str, Any]]:
-        """One dict per slot: id, pid, restarts, status, started_at (epoch seconds), last_exit."""
+        """
+        One dict per slot: id, pid, restarts, status, started_at (epoch seconds),
+        last_exit, and requests: how many its current process has received (``None``
+        before the process maps the shared table, or without one).
+        """
         offset = time.time() - self.reactor.seconds()
+        counted = {}
+        if self._accept is not None:
+            counted = {w["pid"]: w["requests"] for w in self._accept[0].workers()}
         out = []
         for slot in sorted(self.slots.values(), key=lambda s: s.id):
             info = slot.info()
             if info["started_at"] is not None:
                 info["started_at"] += offset
+            info["requests"] = counted.get(info["pid"])
             out.append(info)
         return out
 
