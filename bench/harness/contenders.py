@@ -182,7 +182,7 @@ class Contender:
 
     def served(self) -> Optional[Dict[str, int]]:
         """
-        Requests each worker has answered so far, if the server tells.
+        Requests each worker has served so far, if the server tells.
 
         :return: ``{worker: requests}``, or ``None`` when the server has no such figure.
         """
@@ -405,7 +405,7 @@ class Bungate(Contender):
 
     def served(self) -> Optional[Dict[str, int]]:
         """
-        The ``workers`` list of ``/health``: every worker's answered requests (read from
+        The ``workers`` list of ``/health``: every worker's request count (read from
         the table the workers share, so any worker answers for all of them).
 
         :return: ``{"<id>/<pid>": requests}``, or ``None`` if ``/health`` did not tell.

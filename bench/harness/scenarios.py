@@ -97,7 +97,7 @@ def _request_share(
     before: Optional[Dict[str, int]], after: Optional[Dict[str, int]]
 ) -> Optional[Dict[str, object]]:
     """
-    Each worker's share of the requests answered between two :meth:`Contender.served`
+    Each worker's share of the requests served between two :meth:`Contender.served`
     readings; ``None`` unless the same workers were there at both.
     """
     if not before or not after or set(before) != set(after):
