@@ -133,10 +133,6 @@ class AcceptTable:
         self._counts[_at(_PID, slot)] = 0
         self._counts[0] = max(self._used, default=0)
 
-    def snapshot(self) -> dict[int, int]:
-        """The claimed slots and what their workers published (-1: not accepting)."""
-        return {i: int(self._counts[i]) for i in sorted(self._used)}
-
     # --- worker side ------------------------------------------------------------------
 
     @classmethod
@@ -191,8 +187,7 @@ class AcceptTable:
         if slot is None:
             return False
         counts = self._counts
-        last = min(int(counts[0]), SLOTS)
-        others = [counts[i] for i in range(1, last + 1) if i != slot]
+        others = [counts[i] for i in self._slots_in_use() if i != slot]
         return should_yield(counts[slot], others)
 
     def workers(self) -> list[dict[str, int]]:
@@ -202,7 +197,7 @@ class AcceptTable:
         """
         counts = self._counts
         out = []
-        for i in range(1, min(int(counts[0]), SLOTS) + 1):
+        for i in self._slots_in_use():
             pid = int(counts[_at(_PID, i)])
             if pid > 0:
                 out.append(
@@ -214,6 +209,10 @@ class AcceptTable:
                     }
                 )
         return out
+
+    def _slots_in_use(self) -> range:
+        """Slots 1 up to the highest one the master has claimed (some may be free)."""
+        return range(1, min(int(self._counts[0]), SLOTS) + 1)
 
     def close(self) -> None:
         """Unmap the table."""

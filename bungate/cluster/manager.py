@@ -388,8 +388,8 @@ class ClusterManager:
         """
         if self._accept is None:
             return {}
-        counts = self._accept[0].snapshot()
-        return {wid: counts.get(ts, -1) for wid, ts in sorted(self._accept_slots.items())}
+        counts = {w["id"]: w["connections"] for w in self._accept[0].workers()}
+        return {wid: counts.get(wid, -1) for wid in sorted(self._accept_slots)}
 
     def _release_accept_slot(self, worker_id: int) -> None:
         table_slot = self._accept_slots.pop(worker_id, None)
