@@ -5,10 +5,10 @@ The public names are listed in ``__all__`` and pinned by a test, so the API does
 drift by accident.
 """
 
-from bungate.cluster.manager import ClusterError, ClusterManager
 from bungate.config import ConfigError, GatewayConfig, load_config, parse_config
 from bungate.gateway import Gateway, run
-from bungate.proxy import Response
+from bungate.http.handlers import Response
+from bungate.master.fleet import ClusterError, ClusterManager
 
 __all__ = [
     "ClusterError",

@@ -1,46 +1,51 @@
 """
-:class:`Gateway`: the public entry point, usable from a plain script or from ``twist``.
+:class:`Gateway`: the public entry point, usable from a plain script or from ``twist``
+(internal module: import it from :mod:`bungate`).
 
 The same object plays one of three roles when :meth:`Gateway.listen` is called:
 
-- ``cluster.enabled: false`` — a single process binds the port and serves;
+- ``cluster.enabled: false`` — a single process binds the port and serves
+  (:class:`~bungate.single.SingleService`);
 - ``cluster.enabled: true`` — this process becomes the master: it binds the port and
-  runs a :class:`~bungate.cluster.manager.ClusterManager` whose workers re-run this
-  script (or the built-in worker when started from ``twist``);
+  runs the fleet (:class:`~bungate.master.service.MasterService`), whose workers re-run
+  this script (or the built-in worker when started from ``twist``);
 - ``CLUSTER_WORKER=true`` in the environment — this process is a worker: it serves on
-  the socket inherited from its master and reports to it over the control channel.
+  the sockets inherited from its master (:class:`~bungate.worker.service.WorkerService`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from typing import IO, Any, Callable, Optional, Union
 
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from bungate._once import Once
-from bungate.cluster import child
 from bungate.config import GatewayConfig, parse_config, parse_route
-from bungate.proxy import Dispatcher
-from bungate.web import GatewayRequest, GatewaySite
+from bungate.http.app import check_config
+from bungate.master.service import MasterService
+from bungate.ops.logging import begin_logging
+from bungate.single import SingleService
+from bungate.wire import WorkerLaunch, in_worker
+from bungate.worker.service import WorkerService, run_worker_reactor, set_title
 
 __all__ = ["Gateway", "run"]
 
 log = Logger(namespace="bungate.gateway")
 
 
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except ImportError:  # pragma: no cover - setproctitle is a dependency
-        pass
+def _merged(config: Union[GatewayConfig, Mapping[str, Any], None], sections: Any) -> GatewayConfig:
+    """``config`` with the top-level ``sections`` given as keyword arguments replaced."""
+    if isinstance(config, GatewayConfig):
+        if not sections:
+            return config
+        given = parse_config(sections, source=config.source)
+        return attrs.evolve(config, **{name: getattr(given, name) for name in sections})
+    return parse_config({**(config or {}), **sections}, source="<Gateway()>")
 
 
 class Gateway:
@@ -52,6 +57,9 @@ class Gateway:
     :param worker_script: for cluster mode from a script, the script each worker runs
         (default: this process's own script, ``sys.argv[0]``); ``""`` runs the built-in
         worker, which serves this configuration.
+    :param config_loader: in a master, re-reads the config on SIGHUP.
+    :param manage_logging: begin logging to stdout (off when ``twist`` logs for us).
+    :param log_output: in a master, where the workers' own log lines are written.
     :param kwargs: top-level sections merged into ``config`` (``server=...``,
         ``cluster=...``, ``routes=...``).
     """
@@ -64,6 +72,7 @@ class Gateway:
         worker_script: Optional[str] = None,
         config_loader: Optional[Callable[[], GatewayConfig]] = None,
         manage_logging: bool = True,
+        log_output: Optional[IO[str]] = None,
         **kwargs: Any,
     ) -> None:
         if reactor is None:
@@ -71,25 +80,13 @@ class Gateway:
 
             reactor = _reactor
         self.reactor = reactor
-        if isinstance(config, GatewayConfig):
-            if kwargs:
-                config = parse_config({**config.raw, **kwargs}, source=config.source)
-        else:
-            config = parse_config({**(config or {}), **kwargs}, source="<Gateway()>")
-        self.config: GatewayConfig = config
-        self._extra_routes: list[Any] = []
+        self.config: GatewayConfig = _merged(config, kwargs)
         self.worker_script = worker_script
         self.config_loader = config_loader
         self.manage_logging = manage_logging
-        self.site: Optional[GatewaySite] = None
-        self.dispatcher: Optional[Dispatcher] = None
-        self.ports: list[Any] = []
-        self.cluster: Any = None
-        self.started_at = time.time()
-        self._draining = False
-        self._runtime: Optional[child.WorkerRuntime] = None
+        self.log_output = log_output
+        self._service: Union[SingleService, WorkerService, MasterService, None] = None
         self._closing: Optional[Once[None]] = None
-        self._accept_table: Any = None  # a worker's view of the fleet's connection counts
 
     # --- routes -----------------------------------------------------------------------
 
@@ -122,47 +119,44 @@ class Gateway:
                 item[key] = value
         route = parse_route("<add_route>", len(self.config.routes), item)
         self.config = attrs.evolve(self.config, routes=(*self.config.routes, route))
-        if self.dispatcher is not None:
-            self.dispatcher.add(route)
+        service = self._service
+        if isinstance(service, (SingleService, WorkerService)):
+            service.add_route(route)
 
-    # --- the worker's HTTP side -------------------------------------------------------
+    # --- what is serving --------------------------------------------------------------
+
+    @property
+    def cluster(self) -> Any:
+        """In a master, the :class:`~bungate.ClusterManager`; else ``None``."""
+        service = self._service
+        return service.manager if isinstance(service, MasterService) else None
+
+    @property
+    def dispatcher(self) -> Any:
+        """In a worker or a single process, the request dispatcher; else ``None``."""
+        service = self._service
+        if isinstance(service, (SingleService, WorkerService)):
+            return service.app.dispatcher
+        return None
+
+    @property
+    def site(self) -> Any:
+        """In a worker or a single process, the twisted.web site; else ``None``."""
+        service = self._service
+        return service.app.site if isinstance(service, (SingleService, WorkerService)) else None
+
+    @property
+    def ports(self) -> list[Any]:
+        """The listening ports of a worker or a single process (empty once closed)."""
+        service = self._service
+        return service.ports if isinstance(service, (SingleService, WorkerService)) else []
 
     def status(self) -> dict[str, Any]:
-        """The health document of this process (``/health``)."""
-        doc: dict[str, Any] = {
-            "status": "draining" if self._draining else "ok",
-            "worker_id": child.worker_id(),
-            "pid": os.getpid(),
-            "uptime": round(time.time() - self.started_at, 3),
-        }
-        if self._runtime is not None and self._runtime.fleet:
-            doc["fleet"] = self._runtime.fleet
-        if self._accept_table is not None:
-            doc["workers"] = self._accept_table.workers()
-        return doc
-
-    def _build_site(self) -> GatewaySite:
-        from bungate import observe
-
-        metrics, metrics_resource, access_log = observe.for_worker(self.config, child.worker_id())
-        tls_policy = observe.upstream_tls(self.config)
-        self.dispatcher = Dispatcher(
-            self.config,
-            self.reactor,
-            status=self.status,
-            metrics=metrics,
-            metrics_resource=metrics_resource,
-            tls_policy=tls_policy,
-            access_log=access_log,
-        )
-        self.site = GatewaySite(
-            self.dispatcher,
-            self.reactor,
-            max_body_size=self.config.server.max_body_size,
-            on_done=self.dispatcher.on_done,
-            keepalive_requests=self.config.server.keepalive_requests,
-        )
-        return self.site
+        """The health document this process serves at ``/health``."""
+        service = self._service
+        if isinstance(service, (SingleService, WorkerService)):
+            return service.status()
+        return {"status": "ok", "pid": os.getpid()}
 
     # --- listen / close ---------------------------------------------------------------
 
@@ -174,125 +168,52 @@ class Gateway:
         ready (master).
         """
         try:
-            if child.in_worker():
-                return defer.succeed(self._listen_worker())
+            launch = WorkerLaunch.from_env()
+            if launch is not None:
+                worker = self._service = WorkerService(self.config, self.reactor, launch)
+                return defer.succeed(worker.start())
             if self.config.cluster.enabled:
                 return self._listen_master()
-            return defer.succeed(self._listen_single())
+            if self.manage_logging:
+                begin_logging(self.config.logger)
+            single = self._service = SingleService(self.config, self.reactor)
+            port = single.start()
+            self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
+            return defer.succeed(port)
         except Exception:
             return defer.fail()
 
-    def _listen_single(self) -> Any:
-        from bungate import observe
-        from bungate.cluster.sockets import adopt_port, bind_listener
-
-        if self.manage_logging:
-            observe.start_logging(self.config, None)
-        site = self._build_site()
-        server = self.config.server
-        sock = bind_listener(server.host, server.port, server.backlog)
-        try:
-            port: Any = adopt_port(
-                self.reactor, sock.fileno(), observe.wrap_tls(self.config, site), balanced=False
-            )
-        finally:
-            sock.close()
-        self.ports.append(port)
-        observe.listen_extras_single(self, self.reactor)
-        address = port.getHost()
-        log.info("Gateway listening on {host}:{port}", host=address.host, port=address.port)
-        self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
-        return port
-
-    def _listen_worker(self) -> Any:
-        from bungate import observe
-        from bungate.cluster.accept import AcceptTable
-        from bungate.cluster.sockets import adopt_port
-
-        wid = child.worker_id()
-        _set_title(f"bungate worker {wid}")
-        observe.start_logging(self.config, wid)
-        site = self._build_site()
-        fds = child.listener_fds()
-        peers = self._accept_table = AcceptTable.inherited()
-        if peers is not None:
-            peers.publish(0)
-            site.on_connections = peers.publish
-            site.on_request = peers.count_request
-        port = adopt_port(
-            self.reactor, fds["main"], observe.wrap_tls(self.config, site), peers=peers
-        )
-        os.close(fds["main"])
-        self.ports.append(port)
-        for name, fd in fds.items():
-            if name == "main":
-                continue
-            factory = observe.extra_factory(self, name)
-            if factory is not None:
-                self.ports.append(adopt_port(self.reactor, fd, factory))
-            os.close(fd)
-        runtime = child.WorkerRuntime(
-            self.reactor, self.config.cluster.heartbeat_interval, self._drain_for_exit
-        )
-        self._runtime = runtime
-        runtime.connect()
-        runtime.ready()
-        return port
-
     def _listen_master(self) -> defer.Deferred[Any]:
-        from bungate import observe
-        from bungate.cluster.manager import ClusterManager
-
-        _set_title("bungate master")
+        set_title("bungate master")
         if self.manage_logging:
-            observe.start_logging(self.config, None)
+            begin_logging(self.config.logger)
         script = self.worker_script or None
         args: list[str] = []
         if self.worker_script is None and _is_user_script(sys.argv):
             script, args = os.path.abspath(sys.argv[0]), sys.argv[1:]
-        manager = ClusterManager(
+        master = self._service = MasterService(
             self.config,
+            self.reactor,
+            validate=check_config,
             worker_script=script,
             script_args=args,
-            reactor=self.reactor,
             config_loader=self.config_loader,
-            metrics=observe.for_master(self.config),
+            output=self.log_output,
         )
-        observe.check_startup(self.config, manager)
-        self.cluster = manager
-        manager.install_signal_handlers()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
-        return manager.start()
-
-    def _drain_for_exit(self) -> defer.Deferred[None]:
-        return self.close()
+        return master.start()
 
     def close(self) -> defer.Deferred[None]:
         """
         Stop accepting, let in-flight requests finish (up to ``shutdown_timeout``),
         close every connection. In a master, drain and stop the fleet.
         """
-        if self._closing is not None:
-            return self._closing.wait()
-        closing = self._closing = Once()
-        if self.cluster is not None:
-            work: defer.Deferred[Any] = self.cluster.stop()
-        else:
-            self._draining = True
-            if self._accept_table is not None:
-                self._accept_table.leave()
-            if self.dispatcher is not None:
-                self.dispatcher.close()
-            stops = [defer.maybeDeferred(p.stopListening) for p in self.ports]
-            self.ports = []
-            work = defer.gatherResults(stops)
-            if self.site is not None:
-                site = self.site
-                work.addCallback(lambda _: site.drain(self.config.cluster.shutdown_timeout))
-            if self.dispatcher is not None:
-                dispatcher = self.dispatcher
-                work.addCallback(lambda _: dispatcher.close_connections())
-        work.addBoth(lambda _: closing.fire(None))
+        closing = self._closing
+        if closing is None:
+            closing = self._closing = Once()
+            service = self._service
+            work = service.close() if service is not None else defer.succeed(None)
+            work.addBoth(lambda _: closing.fire(None))
         return closing.wait()
 
 
@@ -316,6 +237,7 @@ def run(gateway: Optional[Gateway] = None) -> None:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+    exit_code = [0]
     if gateway is not None:
 
         def start() -> None:
@@ -324,19 +246,15 @@ def run(gateway: Optional[Gateway] = None) -> None:
             def failed(reason: Any) -> None:
                 log.critical("Cannot start: {error}", error=reason.getErrorMessage())
                 sys.stderr.write(f"bungate: cannot start: {reason.getErrorMessage()}\n")
+                exit_code[0] = 1
                 reactor.stop()
-                run.exit_code = 1  # type: ignore[attr-defined]
 
             d.addErrback(failed)
 
         reactor.callWhenRunning(start)
-    if child.in_worker():
-        child.run_worker_reactor(reactor)
+    if in_worker():
+        run_worker_reactor(reactor)
     else:
         reactor.run()
-    code = getattr(run, "exit_code", 0)
-    if code:
-        raise SystemExit(code)
-
-
-_ = GatewayRequest  # re-exported type for handler authors' annotations
+    if exit_code[0]:
+        raise SystemExit(exit_code[0])

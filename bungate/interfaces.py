@@ -18,24 +18,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bungate.balancing import Upstream
-
 __all__ = [
-    "Balancer",
-    "BalancerFactory",
     "IBalancer",
     "IBalancerFactory",
     "IMiddleware",
     "IMiddlewareFactory",
-    "Middleware",
-    "MiddlewareFactory",
     "UpstreamRequest",
 ]
 
@@ -50,20 +43,22 @@ class IBalancer(Interface):  # type: ignore[misc]
     """
 
     def pick(  # type: ignore[empty-body]
-        candidates: Sequence[Upstream], client_ip: str, rng: random.Random
-    ) -> Upstream:
+        candidates: Sequence[Any], client_ip: str, rng: random.Random
+    ) -> Any:
         """
         Choose the upstream for one request.
 
         :param candidates: the upstreams that may take a request right now: healthy, their
             circuit breaker allows a request, not excluded by a retry. Never empty, always
             in the order of the route's ``targets``. Read, never change, their state:
-            :attr:`~bungate.balancing.Upstream.url`, ``weight``, ``active`` (requests in
+            :attr:`~bungate.core.balancing.Upstream.url`, ``weight``, ``active`` (requests in
             flight), ``latency`` (EWMA of response time in seconds, ``None`` before the
             first answer).
         :param client_ip: the address of the client (``""`` when unknown).
         :param rng: the route's random source; use it instead of the :mod:`random` module
             so that tests can seed it.
+            (Each is a :class:`bungate.core.balancing.Upstream`; the contract names it
+            ``Any`` so that this module depends on nothing of the implementation.)
         :returns: one element of ``candidates``.
         """
 
@@ -185,52 +180,3 @@ class IMiddlewareFactory(Interface):  # type: ignore[misc]
 
         :returns: a provider of :class:`IMiddleware`.
         """
-
-
-# --- the same contracts for static type checkers -----------------------------------------
-#
-# mypy cannot read zope.interface declarations without the mypy-zope plugin, so code that
-# holds a strategy or a middleware is annotated with these structural twins. They promise
-# nothing more than the interfaces above.
-
-
-class Balancer(Protocol):
-    """Static twin of :class:`IBalancer`."""
-
-    def pick(self, candidates: Sequence[Upstream], client_ip: str, rng: random.Random) -> Upstream:
-        """See :meth:`IBalancer.pick`."""
-        ...
-
-
-class BalancerFactory(Protocol):
-    """Static twin of :class:`IBalancerFactory`."""
-
-    name: str
-
-    def __call__(self) -> Balancer:
-        """See :meth:`IBalancerFactory.__call__`."""
-        ...
-
-
-class Middleware(Protocol):
-    """Static twin of :class:`IMiddleware`."""
-
-    name: str
-
-    def process_request(self, request: Any, upstream: UpstreamRequest) -> Any:
-        """See :meth:`IMiddleware.process_request`."""
-        ...
-
-    def process_response(self, request: Any, status: int, headers: Headers) -> None:
-        """See :meth:`IMiddleware.process_response`."""
-        ...
-
-
-class MiddlewareFactory(Protocol):
-    """Static twin of :class:`IMiddlewareFactory`."""
-
-    name: str
-
-    def __call__(self) -> Middleware:
-        """See :meth:`IMiddlewareFactory.__call__`."""
-        ...

@@ -1,5 +1,5 @@
 """
-``twist bungate``: command-line options and the service that runs the gateway.
+``twist bungate``: command-line options and the service that runs the gateway (internal).
 
 The service is a thin wrapper: :class:`GatewayService` calls :meth:`Gateway.listen` on
 start and :meth:`Gateway.close` (which drains) on stop. ``twist`` begins logging after
@@ -92,15 +92,16 @@ class Options(usage.Options):
         """Read the configuration with the command-line overrides applied."""
         path = self["config"]
         config = load_config(path) if path else parse_config(DEFAULT_CONFIG, "<built-in default>")
-        config = with_overrides(
-            config, port=self["port"], workers=self["workers"], python=self["python"]
-        )
+        config = with_overrides(config, **self.overrides())
         if self["single"]:
             config = attrs.evolve(config, cluster=attrs.evolve(config.cluster, enabled=False))
-            raw = dict(config.raw)
-            raw["cluster"] = {**raw.get("cluster", {}), "enabled": False}
-            config = attrs.evolve(config, raw=raw)
         return config
+
+    def overrides(self) -> dict[str, Any]:
+        """The command-line overrides given (they stay pinned across reloads)."""
+        return {
+            name: self[name] for name in ("port", "workers", "python") if self[name] is not None
+        }
 
     def postOptions(self) -> None:
         """
@@ -112,9 +113,9 @@ class Options(usage.Options):
         """
         try:
             self["gateway_config"] = self.load()
-            from bungate import observe
+            from bungate.http.app import check_config
 
-            observe.check_startup(self["gateway_config"])
+            check_config(self["gateway_config"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from None
         if self["check"]:
@@ -127,10 +128,9 @@ class Options(usage.Options):
         if parent is None or not hasattr(parent, "__setitem__"):
             return
         argv = " ".join(sys.argv)
-        from bungate import observe
-        from bungate.logging import make_observer
+        from bungate.ops.logging import make_observer
 
-        observe.set_output(parent.get("logFile"))
+        self["log_output"] = parent.get("logFile")
 
         logger_config = config.logger
         if "--log-level" in argv:
@@ -148,10 +148,23 @@ class Options(usage.Options):
 
 
 class GatewayService(Service):
-    """Starts the gateway with the service and drains it when the service stops."""
+    """
+    Starts the gateway with the service and drains it when the service stops.
 
-    def __init__(self, config: GatewayConfig) -> None:
+    :param config: the validated config.
+    :param overrides: the command-line overrides, applied again to every reloaded config.
+    :param log_output: where the workers' log lines go (``twist``'s log file).
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        overrides: Optional[dict[str, Any]] = None,
+        log_output: Any = None,
+    ) -> None:
         self.config = config
+        self.overrides = dict(overrides or {})
+        self.log_output = log_output
         self.gateway: Any = None
 
     def startService(self) -> None:
@@ -169,19 +182,17 @@ class GatewayService(Service):
         )
         loader = None
         if path is not None:
-            overrides = {
-                "port": self.config.server.port,
-                "workers": self.config.cluster.workers
-                if "workers" in self.config.raw.get("cluster", {})
-                else None,
-                "python": self.config.cluster.python,
-            }
+            overrides = self.overrides
 
             def loader() -> GatewayConfig:
                 return with_overrides(load_config(path), **overrides)
 
         self.gateway = Gateway(
-            self.config, config_loader=loader, manage_logging=False, worker_script=""
+            self.config,
+            config_loader=loader,
+            manage_logging=False,
+            worker_script="",
+            log_output=self.log_output,
         )
         d = self.gateway.listen()
 
@@ -212,4 +223,4 @@ class GatewayService(Service):
 
 def makeService(options: Options) -> GatewayService:
     """Build the service ``twist`` runs."""
-    return GatewayService(options["gateway_config"])
+    return GatewayService(options["gateway_config"], options.overrides(), options.get("log_output"))

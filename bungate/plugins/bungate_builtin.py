@@ -6,7 +6,7 @@ Each strategy class provides :class:`twisted.plugin.IPlugin` and
 plugin module needs.
 """
 
-from bungate.balancing import (
+from bungate.core.balancing import (
     IpHash,
     Latency,
     LeastConnections,

@@ -75,10 +75,7 @@ def load(gw: Any, tag: str, count: int, batch: int = 20, start: int = 0) -> Any:
     while sent < count:
         n = min(batch, count - sent)
         responses = yield defer.gatherResults(
-            [
-                treq.get(f"{gw.url}/{tag}?i={start + sent + i}", persistent=False)
-                for i in range(n)
-            ]
+            [treq.get(f"{gw.url}/{tag}?i={start + sent + i}", persistent=False) for i in range(n)]
         )
         for r in responses:
             assert r.code == 200

@@ -33,8 +33,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from bungate.config import TLSConfig
+from bungate.http.tls import server_tls_factory
 from bungate.testing import wait_until
-from bungate.tls import server_tls_factory
 from tests.integration.conftest import cluster_config
 
 TIMEOUT = 10

@@ -1,0 +1,341 @@
+"""
+The request path of a worker: route each request, then answer it from a handler, a
+balanced route or the reverse proxy, with the configured middlewares around it.
+
+:class:`Dispatcher` is what :class:`~bungate.http.site.GatewaySite` calls for every
+request. It also answers the built-in ``/health`` and (when metrics share the main port)
+``/metrics`` endpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from bungate.config import GatewayConfig, LoadBalancerConfig, RouteConfig, TargetConfig
+from bungate.core.http1 import origin_form
+from bungate.core.routing import Router
+from bungate.http.balanced import BalancedRoute
+from bungate.http.handlers import call_handler, resolve_handler
+from bungate.http.healthcheck import HealthProbes
+from bungate.http.middleware import make_middlewares, middleware_failed, run_request_middlewares
+from bungate.http.proxy import ReverseProxy
+from bungate.http.site import GatewayRequest, json_response
+from bungate.interfaces import IMiddleware, UpstreamRequest
+from bungate.ops.logging import request_id
+
+__all__ = ["Dispatcher", "Route"]
+
+
+@attrs.define
+class Route:
+    """
+    One route as the dispatcher serves it.
+
+    :ivar label: the pattern, as metrics and logs name the route.
+    :ivar config: the route's validated config.
+    :ivar methods: the allowed methods, or ``None`` for any.
+    :ivar allow: the ``Allow`` header of a 405.
+    :ivar target: the upstream base URL of a ``target`` route.
+    :ivar handler: the callable of a ``handler`` route.
+    :ivar balanced: the runtime of a ``load_balancer`` route.
+    :ivar middlewares: the route's own middlewares (run after the gateway-wide ones).
+    :ivar chain: gateway-wide then route middlewares, for ``process_response``; ``None``
+        when empty, which keeps the request path free of middleware work.
+    """
+
+    label: str
+    config: RouteConfig
+    methods: Optional[frozenset[bytes]]
+    allow: bytes
+    target: Optional[bytes] = None
+    handler: Optional[Callable[..., Any]] = None
+    balanced: Optional[BalancedRoute] = None
+    middlewares: Sequence[IMiddleware] = ()
+    chain: Optional[Sequence[IMiddleware]] = None
+
+
+class Dispatcher:
+    """
+    Answers every request of a worker.
+
+    :param config: the validated gateway config.
+    :param reactor: the reactor (clock, connections).
+    :param status: a callable returning the worker's health summary (a dict); its
+        ``"status"`` is ``"draining"`` while the worker drains.
+    :param metrics: an object with ``request_started()``, ``request_finished(method,
+        route, status, duration)`` and ``upstream_error(route, kind)``, or ``None``.
+    :param metrics_resource: a twisted.web resource that renders ``/metrics``, or ``None``.
+    :param tls_policy: the ``IPolicyForHTTPS`` for https upstreams, or ``None``.
+    :param access_log: ``access_log(request, status, duration)`` once per routed request.
+    :param proxy: the reverse proxy (made from ``reactor``, ``metrics`` and
+        ``tls_policy`` when not given).
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any,
+        status: Optional[Callable[[], dict[str, Any]]] = None,
+        metrics: Any = None,
+        metrics_resource: Any = None,
+        tls_policy: Any = None,
+        access_log: Optional[Callable[..., None]] = None,
+        proxy: Optional[ReverseProxy] = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock: Any = reactor  # IReactorTime (typed Any: its zope methods lack self)
+        self.status = status or (lambda: {"status": "ok", "pid": os.getpid()})
+        self.metrics = metrics
+        self.metrics_resource = metrics_resource
+        self.access_log = access_log
+        self.proxy = proxy or ReverseProxy(reactor, metrics=metrics, tls_policy=tls_policy)
+        #: the active health checks' HTTP client (treq), shared by the balanced routes.
+        self.probes = HealthProbes(reactor, tls_policy)
+        self.router: Router[Route] = Router()
+        self.health_path = config.health.path.encode() if config.health.enabled else None
+        self.metrics_path = (
+            config.metrics.path.encode()
+            if config.metrics.enabled and config.metrics.listen is None and metrics_resource
+            else None
+        )
+        #: the gateway-wide middlewares (``middlewares:`` at the top level), in order.
+        self.middlewares: list[IMiddleware] = make_middlewares(
+            config.source, "middlewares", config.middlewares
+        )
+        #: the runtime of every load-balanced route, in the order they were added.
+        self.balanced: list[BalancedRoute] = []
+        self._closed = False
+        for route in config.routes:
+            self.add(route)
+
+    # --- routes -----------------------------------------------------------------------
+
+    def add(self, route: RouteConfig) -> None:
+        """
+        Add a validated route; resolves its handler, strategy and middlewares now so
+        errors show at start.
+
+        A ``load_balancer`` route gets a :class:`~bungate.http.balanced.BalancedRoute`; its
+        health checks start once the reactor runs (at once if it already does).
+
+        :raises ConfigError: for an unknown strategy or middleware name.
+        """
+        methods = frozenset(m.encode() for m in route.methods) if route.methods else None
+        allow = b", ".join(sorted(methods)) if methods else b""
+        r = Route(label=route.pattern, config=route, methods=methods, allow=allow)
+        index = self._route_index(route)
+        r.middlewares = make_middlewares(
+            self.config.source, f"routes[{index}].middlewares", route.middlewares
+        )
+        if self.middlewares or r.middlewares:
+            r.chain = (*self.middlewares, *r.middlewares)
+        if route.target is not None and route.circuit_breaker.enabled:
+            # A breaker on a single target: the same runtime as a one-target balancer, so
+            # an open circuit answers 503 at once and shows in the circuit metrics.
+            route = attrs.evolve(
+                route,
+                target=None,
+                load_balancer=LoadBalancerConfig(targets=(TargetConfig(url=route.target),)),
+            )
+            r.config = route
+        if route.handler is not None:
+            r.handler = resolve_handler(route.handler)
+        elif route.target is not None:
+            r.target = route.target.encode("ascii")
+        elif route.load_balancer is not None:
+            balanced = BalancedRoute(
+                self.proxy,
+                route,
+                key=f"routes[{index}]",
+                source=self.config.source,
+                clock=self.clock,
+                metrics=self.metrics,
+                probe=self.probes.probe,
+            )
+            r.balanced = balanced
+            self.balanced.append(balanced)
+            if balanced.checker is not None and not self._closed:
+                self.reactor.callWhenRunning(self._start_checks, balanced)
+        self.router.add(route.pattern, r)
+
+    def _route_index(self, route: RouteConfig) -> int:
+        for i, known in enumerate(self.config.routes):
+            if known is route:
+                return i
+        return len(self.config.routes)
+
+    def _start_checks(self, balanced: BalancedRoute) -> None:
+        if not self._closed:
+            balanced.start()
+
+    def close(self) -> None:
+        """
+        Stop the background work of this dispatcher (active health checks). Call it when
+        the worker starts to drain; requests still in flight are not affected.
+        """
+        self._closed = True
+        for balanced in self.balanced:
+            balanced.stop()
+
+    def close_connections(self) -> defer.Deferred[Any]:
+        """Close the idle upstream connections (proxy and health probes), once drained."""
+        return defer.gatherResults([self.proxy.close(), self.probes.close()], consumeErrors=True)
+
+    # --- the request path -------------------------------------------------------------
+
+    def __call__(self, request: GatewayRequest) -> None:
+        """Route one request and start answering it."""
+        path = request.path
+        if self.health_path is not None and path == self.health_path:
+            request.route = None
+            self._health(request)
+            return
+        if self.metrics_path is not None and path == self.metrics_path:
+            request.route = None
+            body = self.metrics_resource.render(request)
+            request.write(body)
+            request.finish()
+            return
+        incoming = request.requestHeaders.getRawHeaders(b"x-request-id")
+        rid = request_id(incoming[0] if incoming else None)
+        request.request_id = rid
+        request.responseHeaders.setRawHeaders(b"x-request-id", [rid])
+        if b"/." in path and _has_dot_segment(path):
+            json_response(request, 400, {"error": "bad_path", "request_id": rid.decode("latin-1")})
+            return
+        match = self.router.match(path.decode("latin-1"))
+        if match is None:
+            if self.middlewares:
+                self._with_middlewares(request, None)
+                return
+            json_response(request, 404, {"error": "not_found", "request_id": rid.decode("latin-1")})
+            return
+        route = match.route
+        request.route = route.label
+        request.params = match.params
+        if self.metrics is not None:
+            self.metrics.request_started()
+        if route.chain is not None:
+            self._with_middlewares(request, route)
+            return
+        if route.methods is not None and request.method not in route.methods:
+            self._not_allowed(request, route)
+            return
+        self._answer(request, route, None)
+
+    def _answer(
+        self, request: GatewayRequest, route: Route, upstream: Optional[UpstreamRequest]
+    ) -> None:
+        """Answer a routed, allowed request from its handler, its balancer or its target."""
+        if route.handler is not None:
+            call_handler(request, route.handler)
+        elif route.balanced is not None:
+            route.balanced.handle(request, upstream, route.chain if upstream else None)
+        else:
+            assert route.target is not None
+            self.proxy.forward(
+                request,
+                route.target,
+                route=route.label,
+                timeout=route.config.timeout,
+                upstream=upstream,
+                chain=route.chain if upstream is not None else None,
+            )
+
+    def _not_allowed(self, request: GatewayRequest, route: Route) -> None:
+        request.responseHeaders.setRawHeaders(b"allow", [route.allow])
+        json_response(
+            request,
+            405,
+            {"error": "method_not_allowed", "allow": route.allow.decode()},
+        )
+
+    # --- middlewares ------------------------------------------------------------------
+
+    def _with_middlewares(self, request: GatewayRequest, route: Optional[Route]) -> None:
+        """
+        The request path when middlewares are configured: the gateway-wide ones, then
+        (unless they answered) 404/405, the route's ones, then the handler or the proxy.
+
+        :param route: the matched route, or ``None`` (answered 404 after the gateway-wide
+            middlewares let it through).
+        """
+        upstream = UpstreamRequest(
+            request.method, origin_form(request.uri), request.requestHeaders.copy()
+        )
+
+        def after_global(answered: bool) -> Any:
+            if answered or request._disconnected or request.finished:
+                return None
+            if route is None:
+                json_response(
+                    request,
+                    404,
+                    {"error": "not_found", "request_id": request.request_id.decode("latin-1")},
+                )
+                return None
+            if route.methods is not None and request.method not in route.methods:
+                self._not_allowed(request, route)
+                return None
+            if not route.middlewares:
+                return after_route(False)
+            d = run_request_middlewares(route.middlewares, request, upstream)
+            request.on_abort = d.cancel
+            return d.addCallback(after_route)
+
+        def after_route(answered: bool) -> None:
+            request.on_abort = None
+            if answered or request._disconnected or request.finished:
+                return
+            assert route is not None
+            self._answer(request, route, upstream)
+
+        def failed(reason: Failure) -> None:
+            request.on_abort = None
+            if request._disconnected:
+                return  # the client left and we cancelled the middleware
+            middleware_failed(request, "request", reason)
+
+        if self.middlewares:
+            d = run_request_middlewares(self.middlewares, request, upstream)
+            if not d.called:
+                request.on_abort = d.cancel
+            d.addCallback(after_global)
+        else:
+            d = defer.maybeDeferred(after_global, False)
+        d.addErrback(failed)
+        d.addErrback(request.processingFailed)
+
+    def on_done(self, request: GatewayRequest, completed: bool) -> None:
+        """Account for a finished (or abandoned) request: metrics and the access line."""
+        route = request.route
+        if route is None:
+            return
+        status = request.code if completed else 499
+        duration = self.clock.seconds() - request.started
+        if self.metrics is not None:
+            self.metrics.request_finished(
+                request.method.decode("ascii", "replace"), route, status, duration
+            )
+        if self.access_log is not None:
+            self.access_log(request, status, duration)
+
+    def _health(self, request: GatewayRequest) -> None:
+        status = self.status()
+        code = 503 if status.get("status") == "draining" else 200
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        json_response(request, code, status)
+
+
+def _has_dot_segment(path: bytes) -> bool:
+    for segment in path.split(b"/"):
+        if segment in (b".", b".."):
+            return True
+    return False

@@ -1,0 +1,265 @@
+"""
+A worker process: adopt the master's sockets, serve, report, drain, exit.
+
+:class:`WorkerService` serves a :class:`~bungate.http.app.GatewayApp` on the listening
+sockets the master passed down (see :mod:`bungate.wire` for the descriptors and the
+environment), tells the master it is ready over the control channel, sends heartbeats,
+and shares its connection counts for fair accepting (:mod:`bungate.accept_table`).
+
+SIGTERM or SIGINT make the worker drain (stop accepting, finish in-flight requests,
+close keep-alive connections) and exit 0. If the master dies, the control channel hits
+EOF (and on Linux ``PR_SET_PDEATHSIG`` delivers SIGTERM): the worker first points its
+stdout/stderr at /dev/null, because the pipes to the dead master would raise
+``BrokenPipeError`` on the next log line, then drains and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Optional
+
+from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from bungate._once import Once
+from bungate.accept_table import AcceptTable
+from bungate.config import GatewayConfig, RouteConfig
+from bungate.http.app import GatewayApp
+from bungate.ops.logging import begin_logging
+from bungate.wire import CONTROL_FD, DRAINING, FLEET, HEARTBEAT, READY, ControlChannel, WorkerLaunch
+from bungate.worker.ports import adopt_port
+
+__all__ = [
+    "WorkerService",
+    "run_worker_reactor",
+    "set_parent_death_signal",
+    "set_title",
+    "silence_output",
+]
+
+log = Logger(namespace="bungate.worker")
+
+
+def set_title(title: str) -> None:
+    """Set the process title (``ps``, ``pgrep -f``) where setproctitle can."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover - setproctitle is a dependency
+        pass
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """
+    Ask Linux to send ``sig`` to this process when its parent dies.
+
+    :returns: ``False`` where unsupported (not Linux, no libc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return bool(libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def silence_output() -> None:
+    """Point stdout and stderr at /dev/null (the master that read them is gone)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
+
+
+class WorkerService:
+    """
+    One worker: the gateway's HTTP side on the master's sockets, and the master's link.
+
+    :param config: the validated config to serve.
+    :param reactor: the reactor.
+    :param launch: what the master started this process with.
+    """
+
+    def __init__(self, config: GatewayConfig, reactor: Any, launch: WorkerLaunch) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.launch = launch
+        self.worker_id = str(launch.worker_id)
+        self.started_at = time.time()
+        self.app = GatewayApp(
+            config,
+            reactor,
+            status=self.status,
+            worker_id=self.worker_id,
+            names=launch.tls_copies,
+        )
+        self.ports: list[Any] = []
+        self.fleet: dict[str, Any] = {}
+        self.draining = False
+        self.control: Optional[ControlChannel] = None
+        self.accept: Optional[AcceptTable] = None
+        self._heartbeat: Optional[task.LoopingCall] = None
+        self._closing: Optional[Once[None]] = None
+
+    # --- what the worker tells ----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The health document of this worker (``/health``)."""
+        doc: dict[str, Any] = {
+            "status": "draining" if self.draining else "ok",
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started_at, 3),
+        }
+        if self.fleet:
+            doc["fleet"] = self.fleet
+        if self.accept is not None:
+            doc["workers"] = self.accept.workers()
+        return doc
+
+    # --- start ------------------------------------------------------------------------
+
+    def start(self) -> Any:
+        """
+        Adopt the listening sockets, connect to the master and report ready.
+
+        :returns: the main listening port.
+        """
+        set_title(f"bungate worker {self.worker_id}")
+        begin_logging(self.config.logger, self.worker_id)
+        site = self.app.site
+        table = self.launch.accept_table
+        peers = self.accept = AcceptTable.inherited(*table) if table is not None else None
+        if peers is not None:
+            peers.publish(0)
+            site.on_connections = peers.publish
+            site.on_request = peers.count_request
+        fds = self.launch.listeners
+        port = adopt_port(self.reactor, fds["main"], self.app.main_factory(), peers=peers)
+        os.close(fds["main"])
+        self.ports.append(port)
+        for name, fd in fds.items():
+            if name == "main":
+                continue
+            factory = self.app.extra_factory(name)
+            if factory is not None:
+                self.ports.append(adopt_port(self.reactor, fd, factory))
+            os.close(fd)
+        self._connect()
+        self._ready()
+        return port
+
+    def add_route(self, route: RouteConfig) -> None:
+        """Serve one more validated route."""
+        self.app.add_route(route)
+
+    def _connect(self, fd: int = CONTROL_FD) -> None:
+        """Adopt the control channel; a missing channel means no master is watching."""
+        try:
+            os.fstat(fd)
+        except OSError:
+            log.warn("No control channel on fd {fd}: running without a master", fd=fd)
+            return
+        control = ControlChannel(self._message, self._master_gone)
+        factory = Factory()
+        factory.buildProtocol = lambda addr: control  # type: ignore[method-assign]
+        self.reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+        os.close(fd)
+        self.control = control
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != self.launch.master_pid:  # the master died before prctl took effect
+            self._master_gone()
+
+    def _ready(self) -> None:
+        """Tell the master we listen, and start heartbeats."""
+        if self.control is not None:
+            self.control.send(READY, pid=os.getpid())
+            self._heartbeat = task.LoopingCall(self._beat)
+            self._heartbeat.clock = self.reactor
+            self._heartbeat.start(self.config.cluster.heartbeat_interval, now=False)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
+
+    def _beat(self) -> None:
+        if self.control is not None:
+            self.control.send(HEARTBEAT)
+
+    def _message(self, message: dict[str, Any]) -> None:
+        if message["t"] == FLEET:
+            self.fleet = {k: v for k, v in message.items() if k != "t"}
+        else:
+            log.warn("Ignoring a control message of unknown kind {kind!r}", kind=message["t"])
+
+    def _master_gone(self) -> None:
+        if self._closing is not None:
+            return
+        silence_output()
+        self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    # --- stop -------------------------------------------------------------------------
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Stop accepting, let in-flight requests finish (up to ``shutdown_timeout``),
+        close every connection. Safe to call more than once.
+        """
+        if self._closing is not None:
+            return self._closing.wait()
+        closing = self._closing = Once()
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        if self.control is not None:
+            self.control.send(DRAINING)
+        self.draining = True
+        if self.accept is not None:
+            self.accept.leave()
+        ports, self.ports = self.ports, []
+        work = self.app.close(ports, self.config.cluster.shutdown_timeout)
+        work.addBoth(lambda _: closing.fire(None))
+        return closing.wait()
+
+
+def run_worker_reactor(reactor: Any) -> None:
+    """
+    Run a worker's reactor; SIGTERM and SIGINT start one drain, later ones are ignored.
+
+    Ctrl-C signals the whole process group, so a worker gets SIGINT and then the master's
+    SIGTERM while it already drains; Twisted's own handlers would call ``reactor.stop()``
+    twice and log a critical ``ReactorNotRunning``. A worker spawns no processes, so it
+    does without Twisted's SIGCHLD handling.
+    """
+    stopping = [False]
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stopping[0]:
+            return
+        stopping[0] = True
+        log.info("Received {signal}, draining", signal=signal.Signals(signum).name)
+        reactor.callFromThread(stop)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    reactor.run(installSignalHandlers=False)
