@@ -1,5 +1,6 @@
 """
-Fair accepting on the shared listening socket: workers see each other's connection counts.
+Fair accepting on the shared listening socket: workers see each other's connection counts
+(internal).
 
 Every worker is woken for a new connection, and the one already running accepts it
 first. Under load that is the busiest worker: it is on a core while the idle one waits

@@ -69,7 +69,7 @@ _NGINX_PROXY = """\
 """
 
 _BUNGATE_CONFIG = """\
-server: {{host: 127.0.0.1, port: {port}}}
+server: {{host: 127.0.0.1, port: {port}{server}}}
 cluster: {{enabled: true, workers: {workers}{python}}}
 logger: {{level: warn, request_logging: false}}
 routes:
@@ -338,7 +338,11 @@ class Bungate(Contender):
     def config(self) -> str:
         """:return: the gateway's YAML config."""
         python = f", python: {json.dumps(self.worker_python)}" if self.worker_python else ""
+        # $BENCH_BUNGATE_SERVER adds keys to the server section, e.g. "eager_writes: off",
+        # to measure a setting side by side (run the bench once per value).
+        extra = os.environ.get("BENCH_BUNGATE_SERVER", "").strip()
         return _BUNGATE_CONFIG.format(
+            server=f", {extra}" if extra else "",
             port=self.port,
             workers=self.workers,
             python=python,

@@ -139,8 +139,13 @@ class ResponseParser:
         """
         Parse more bytes of the answer.
 
+        Bytes after the end of the answer are kept in :attr:`leftover`.
+
         :raises ProtocolError: when the bytes are not a valid HTTP/1.1 answer.
         """
+        if self._state == _DONE:
+            self.leftover += data
+            return
         if self._state == _LENGTH and not self._buffer:
             # The common case: a body with Content-Length, passed through as it comes.
             n = len(data)

@@ -24,15 +24,80 @@ delayed acknowledgement.
 
 from __future__ import annotations
 
+import platform
 import socket
 from typing import Any, List, Optional
 
 from twisted.internet import tcp
 from twisted.logger import Logger
 
-__all__ = ["EagerClient", "EagerPort", "EagerServer", "make_eager"]
+__all__ = [
+    "TWISTED_INTERNALS",
+    "EagerClient",
+    "EagerPort",
+    "EagerServer",
+    "eager_writes",
+    "make_eager",
+    "missing_internals",
+]
 
 _log = Logger()
+
+#: The private attributes of Twisted's TCP transports this module relies on. A Twisted
+#: release without one of them turns eager writes off (with a warning), and the test
+#: suite fails loudly on it.
+TWISTED_INTERNALS = (
+    "dataBuffer",
+    "offset",
+    "_tempDataBuffer",
+    "_tempDataLen",
+    "_writeDisconnected",
+    "_writeDisconnecting",
+    "_aborting",
+    "producer",
+    "streamingProducer",
+    "producerPaused",
+    "TLS",
+    "_maybePauseProducer",
+    "startWriting",
+    "doRead",
+)
+
+
+def missing_internals(transport: Any = None) -> list[str]:
+    """
+    The names of :data:`TWISTED_INTERNALS` missing from ``transport`` (a live TCP
+    connection), or, without one, from the ``tcp.Server`` class (the attributes set only
+    in ``__init__`` are then taken on trust).
+    """
+    if transport is not None:
+        return [name for name in TWISTED_INTERNALS if not hasattr(transport, name)]
+    per_instance = {"_tempDataBuffer", "_tempDataLen"}
+    return [n for n in TWISTED_INTERNALS if n not in per_instance and not hasattr(tcp.Server, n)]
+
+
+def eager_writes(setting: str) -> bool:
+    """
+    Whether to use the eager transports for ``server.eager_writes``.
+
+    ``auto`` turns them on under PyPy only, where ``bench/run`` measured them to pay
+    (see docs/performance.md); on CPython the saving per request is within the noise. A
+    Twisted whose internals changed gets them off whatever the setting, with a warning.
+    """
+    if setting == "off":
+        return False
+    missing = missing_internals()
+    if missing:
+        _log.warn(
+            "Eager writes are off: this Twisted lacks {names} (server.eager_writes: {setting})",
+            names=", ".join(missing),
+            setting=setting,
+        )
+        return False
+    if setting == "on":
+        return True
+    return platform.python_implementation() == "PyPy"
+
 
 #: Transports written to during the current delivery, to send when it returns.
 _gathered: List[_EagerWrites] = []

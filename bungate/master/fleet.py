@@ -31,10 +31,10 @@ from bungate.config import ClusterConfig, ConfigError, GatewayConfig, parse_conf
 from bungate.config.convert import to_json
 from bungate.master.certificates import CertificateCopies, Validate
 from bungate.master.events import FleetEvents
+from bungate.master.exits import signal_number
 from bungate.master.listeners import Listeners
-from bungate.master.slot import SlotState, WorkerSlot, signal_number
-from bungate.master.spawn import Spawner
-from bungate.ops.logging import write_line
+from bungate.master.slot import SlotState, WorkerSlot
+from bungate.master.spawn import Spawner, WorkerOutput
 from bungate.ops.tlsfiles import check_tls, check_upstream_tls
 from bungate.wire import FLEET
 
@@ -118,8 +118,7 @@ class ClusterManager:
         self.log = logger or _log
         self.config_loader = config_loader
         self.metrics = metrics
-        self.on_line = on_line or self._write_line
-        self.output = output
+        self.on_line = on_line or WorkerOutput(self.log, output)
         self.validate: Validate = validate or check_certificate_files
         self.events = FleetEvents(self.log, metrics)
         self.listeners = Listeners()
@@ -244,21 +243,6 @@ class ClusterManager:
         self._next_id += 1
         self.slots[slot.id] = slot
         return slot
-
-    # --- worker output ----------------------------------------------------------------
-
-    def _write_line(self, worker_id: int, fd: int, line: bytes) -> None:
-        # Our own log lines already name the worker; anything else (a traceback printed
-        # before logging started, a stray print) is tagged here.
-        head = line[:96]
-        if head.startswith(b"{") or b"[worker " in head:
-            write_line(line.decode("utf-8", "replace"), self.output)
-            return
-        text = line.decode("utf-8", "replace")
-        if fd == 2:
-            self.log.warn("[worker {worker_id}] {line}", worker_id=worker_id, line=text)
-        else:
-            self.log.info("[worker {worker_id}] {line}", worker_id=worker_id, line=text)
 
     # --- supervision ------------------------------------------------------------------
 

@@ -15,14 +15,16 @@ from collections.abc import Mapping
 from typing import IO, Any, Callable, Optional
 
 from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bungate.accept_table import AcceptTable
 from bungate.master.listeners import Listeners
 from bungate.master.slot import WorkerSlot
+from bungate.ops.logging import write_line
 from bungate.wire import CONTROL_FD, DRAINING, HEARTBEAT, READY, ControlChannel, WorkerLaunch
 
-__all__ = ["PYPY_GC_NURSERY", "AcceptSlots", "Spawner", "WorkerProtocol"]
+__all__ = ["PYPY_GC_NURSERY", "AcceptSlots", "Spawner", "WorkerOutput", "WorkerProtocol"]
 
 #: The nursery PyPy workers get unless ``PYPY_GC_NURSERY`` is set (see ``environment``).
 PYPY_GC_NURSERY = "8MB"
@@ -72,6 +74,34 @@ class WorkerProtocol(ProcessProtocol):
         if self.on_exit is not None:
             self.on_exit()
         self.slot.process_exited(code, sig)
+
+
+class WorkerOutput:
+    """
+    Where the lines a worker writes go: the master's log.
+
+    A worker's own log lines (JSON, or text naming ``[worker N]``) are written through as
+    they are; anything else (a traceback printed before logging started, a stray print)
+    is logged by the master tagged with the worker's id, stderr as a warning.
+
+    :param log: the master's logger.
+    :param output: where pass-through lines are written (default: stdout).
+    """
+
+    def __init__(self, log: Logger, output: Optional[IO[str]] = None) -> None:
+        self.log = log
+        self.output = output
+
+    def __call__(self, worker_id: int, fd: int, line: bytes) -> None:
+        """One line from ``worker_id``'s stdout (``fd`` 1) or stderr (2)."""
+        head = line[:96]
+        text = line.decode("utf-8", "replace")
+        if head.startswith(b"{") or b"[worker " in head:
+            write_line(text, self.output)
+        elif fd == 2:
+            self.log.warn("[worker {worker_id}] {line}", worker_id=worker_id, line=text)
+        else:
+            self.log.info("[worker {worker_id}] {line}", worker_id=worker_id, line=text)
 
 
 class AcceptSlots:

@@ -15,16 +15,17 @@ import os
 import socket
 from typing import Any, Iterator, Optional
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
 
 from bungate.accept_table import AcceptTable
 from bungate.core.fairness import TRUST_AGAIN_AFTER, YIELD_FOR
-from bungate.http.transport import EagerPort
+from bungate.http.transport import EagerServer
 
 __all__ = ["BalancedPort", "adopt_port"]
 
 
-class BalancedPort(EagerPort):
+class BalancedPort(tcp.Port):
     """
     A TCP port that accepts one connection per wake-up (fair on a shared socket).
 
@@ -86,13 +87,15 @@ def adopt_port(
     factory: Any,
     balanced: bool = True,
     peers: Optional[AcceptTable] = None,
+    eager: bool = True,
 ) -> IListeningPort:
     """
     Serve ``factory`` on an inherited listening socket.
 
     The descriptor is duplicated; the caller may close ``fd`` afterwards. Stopping the
-    port closes only this process's copy: the socket stays open for the others. TCP
-    connections get :mod:`bungate.http.transport`'s eager transports; ``balanced`` ports
+    port closes only this process's copy: the socket stays open for the others. With
+    ``eager``, TCP connections get :mod:`bungate.http.transport`'s eager transports;
+    ``balanced`` ports
     accept one connection per wake-up (:class:`BalancedPort`), and with ``peers`` leave
     connections to workers that hold fewer.
     """
@@ -105,8 +108,10 @@ def adopt_port(
         if family not in (socket.AF_INET, socket.AF_INET6):
             port = reactor.adoptStreamPort(fd, family, factory)
         else:
-            kind = BalancedPort if balanced else EagerPort
+            kind = BalancedPort if balanced else tcp.Port
             port = kind._fromListeningDescriptor(reactor, fd, family, factory)
+            # The class of the connections it accepts (tcp.Port reads self.transport).
+            port.transport = EagerServer if eager else tcp.Server
             if balanced:
                 port.peers = peers
             port.startListening()

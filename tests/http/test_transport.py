@@ -14,7 +14,15 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import FileSender
 
-from bungate.http.transport import EagerClient, EagerPort, EagerServer, make_eager
+from bungate.http import transport
+from bungate.http.transport import (
+    EagerClient,
+    EagerPort,
+    EagerServer,
+    eager_writes,
+    make_eager,
+    missing_internals,
+)
 from bungate.testing import wait_until
 
 
@@ -258,3 +266,29 @@ def test_make_eager_reaches_the_connection_under_a_wrapper(port):
     make_eager(Wrapper())
     assert type(client.transport) is EagerClient
     yield close(server, client)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_twisted_internals_eager_writes_rely_on_are_all_there(port):
+    """
+    A Twisted upgrade that renames one of these turns eager writes off at run time (with a
+    warning); here it fails loudly, so the release notes get read.
+    """
+    server, client = yield connect(port)
+    try:
+        assert missing_internals(server.transport) == []
+        assert missing_internals() == []
+    finally:
+        yield close(server, client)
+
+
+def test_eager_writes_follow_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert eager_writes("off") is False
+    assert eager_writes("on") is True
+    monkeypatch.setattr(transport.platform, "python_implementation", lambda: "PyPy")
+    assert eager_writes("auto") is True
+    monkeypatch.setattr(transport.platform, "python_implementation", lambda: "CPython")
+    assert eager_writes("auto") is False
+    # A Twisted without one of the internals: off whatever the setting says.
+    monkeypatch.setattr(transport, "TWISTED_INTERNALS", (*transport.TWISTED_INTERNALS, "_gone"))
+    assert eager_writes("on") is False

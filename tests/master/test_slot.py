@@ -8,7 +8,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from bungate.config import ClusterConfig
-from bungate.master.slot import WorkerSlot, signal_number
+from bungate.master.exits import signal_number
+from bungate.master.slot import WorkerSlot
 
 
 class FakeTransport:

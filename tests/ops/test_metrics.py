@@ -28,11 +28,10 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.test.requesthelper import DummyRequest
 
 import bungate
+from bungate.http.metrics import MetricsResource, metrics_site
 from bungate.ops.metrics import (
     ENV_VAR,
     GatewayMetrics,
-    MetricsResource,
-    metrics_site,
 )
 
 REPO = Path(bungate.__file__).resolve().parents[1]
@@ -246,7 +245,8 @@ def test_single_process_mode_uses_the_plain_registry(tmp_path: Path) -> None:
     code = """
     import os
     from twisted.web.test.requesthelper import DummyRequest
-    from bungate.ops.metrics import GatewayMetrics, MasterMetrics, MetricsResource
+    from bungate.http.metrics import MetricsResource
+    from bungate.ops.metrics import GatewayMetrics, MasterMetrics
     m = GatewayMetrics()
     m.request_started()
     m.request_finished("GET", "/", 404, 0.02)

@@ -235,7 +235,8 @@ class _Connection(Protocol):
             transport.abortConnection()
 
     def connectionMade(self) -> None:
-        make_eager(self.transport)
+        if self.client.eager:
+            make_eager(self.transport)
         self.client.connections.add(self)
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -397,6 +398,7 @@ class UpstreamClient:
     :param idle_timeout: seconds an idle connection is kept before it is closed.
     :param tls_policy: the ``IPolicyForHTTPS`` for ``https://`` upstreams (default:
         verify against the system's CA store).
+    :param eager: switch each connection to :mod:`bungate.http.transport`'s eager writes.
     """
 
     def __init__(
@@ -405,8 +407,10 @@ class UpstreamClient:
         max_idle_per_host: int = 256,
         idle_timeout: float = 60.0,
         tls_policy: Any = None,
+        eager: bool = True,
     ) -> None:
         self.reactor = reactor
+        self.eager = eager
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
         self.tls_policy = tls_policy
