@@ -4,15 +4,25 @@ The gateway's configuration (internal: the public names are in :mod:`bungate`).
 - :mod:`~bungate.config.schema`: the sections as frozen attrs classes; the only place a
   default is written;
 - :mod:`~bungate.config.parse`: a YAML document or a mapping into that schema, every
-  error naming the file and the key;
+  problem of the document reported at once, each naming the file and the key; and the
+  warnings about a valid config that is probably not what was meant;
+- :mod:`~bungate.config.reader`: typed reads out of one mapping (durations in seconds or
+  with a unit);
 - :mod:`~bungate.config.convert`: a validated config as JSON and back, for workers;
-- :mod:`~bungate.config.errors`: :class:`ConfigError`.
+- :mod:`~bungate.config.errors`: :class:`ConfigError`, :class:`ConfigErrors` (several at
+  once) and :func:`error_lines`, the lines to print.
 
 Pure: nothing here imports a reactor.
 """
 
-from bungate.config.errors import ConfigError
-from bungate.config.parse import load_config, parse_config, parse_route, with_overrides
+from bungate.config.errors import ConfigError, ConfigErrors, error_lines
+from bungate.config.parse import (
+    load_config,
+    parse_config,
+    parse_route,
+    warnings,
+    with_overrides,
+)
 from bungate.config.schema import (
     BUILTIN_STRATEGIES,
     DEFAULT_CONFIG,
@@ -38,6 +48,7 @@ __all__ = [
     "CircuitBreakerConfig",
     "ClusterConfig",
     "ConfigError",
+    "ConfigErrors",
     "GatewayConfig",
     "HealthCheckConfig",
     "HealthConfig",
@@ -50,8 +61,10 @@ __all__ = [
     "StickySessionConfig",
     "TLSConfig",
     "TargetConfig",
+    "error_lines",
     "load_config",
     "parse_config",
     "parse_route",
+    "warnings",
     "with_overrides",
 ]

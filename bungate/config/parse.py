@@ -5,7 +5,13 @@ Every section is read by one generic loop over its fields' :class:`~bungate.conf
 the few keys with a shape of their own (routes, URLs, the SNI table, ``metrics.listen``)
 have a reader below, and a section may add a check across its fields. Every error is a
 :class:`~bungate.config.errors.ConfigError` naming the source, the dotted key and what is
-wrong, on one line. Nothing here touches the reactor.
+wrong, on one line.
+
+A document is read to the end: a bad value is reported and the field's default stands in
+for it so the rest can be read, and :func:`parse_config` raises every problem at once (a
+:class:`~bungate.config.errors.ConfigErrors` when there are several), in the order they
+appear in the document. :func:`warnings` names what is valid but probably not meant.
+Nothing here touches the reactor.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-from bungate.config.errors import ConfigError
+from bungate.config.errors import ConfigError, ConfigErrors, combine
+from bungate.config.reader import Reader as _Reader
+from bungate.config.reader import closest_key
 from bungate.config.schema import (
     HTTP_METHODS,
     SPEC,
@@ -28,18 +36,22 @@ from bungate.config.schema import (
     MetricsConfig,
     RedirectConfig,
     RouteConfig,
+    ServerConfig,
     Spec,
     StickySessionConfig,
     TargetConfig,
     TLSConfig,
 )
 from bungate.core.routing import PatternError, compile_pattern
+from bungate.core.target import TargetError, normalize_path
 
 __all__ = [
+    "check_patterns",
     "check_upstream_url",
     "load_config",
     "parse_config",
     "parse_route",
+    "warnings",
     "with_overrides",
 ]
 
@@ -49,132 +61,62 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An RFC 6265 cookie name (an RFC 9110 token)."""
-_KINDS: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
-
-
-def _kind(value: object) -> str:
-    return _KINDS.get(type(value), type(value).__name__)
-
-
-class _Reader:
-    """Reads typed values out of one mapping, naming the key on every error."""
-
-    def __init__(self, source: str, prefix: str, data: object) -> None:
-        self.source = source
-        self.prefix = prefix
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(source, prefix, f"must be a mapping, got {_kind(data)}")
-        for key in data:
-            if not isinstance(key, str):
-                raise ConfigError(source, prefix, f"keys must be strings, got {key!r}")
-        self.data: Mapping[str, Any] = data
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, self.key(name), problem)
-
-    def has(self, name: str) -> bool:
-        return self.data.get(name) is not None
-
-    def raw(self, name: str) -> Any:
-        self.seen.add(name)
-        return self.data.get(name)
-
-    def sub(self, name: str) -> _Reader:
-        return _Reader(self.source, self.key(name), self.raw(name))
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, got {value!r}")
-        return value
-
-    def integer(
-        self, name: str, default: int, minimum: int = 0, maximum: Optional[int] = None
-    ) -> int:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"must be a whole number, got {value!r}")
-        return int(self._bounded(name, value, minimum, maximum))
-
-    def number(
-        self, name: str, default: float, minimum: float = 0.0, maximum: Optional[float] = None
-    ) -> float:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(name, f"must be a number of seconds, got {value!r}")
-        return float(self._bounded(name, value, minimum, maximum))
-
-    def _bounded(self, name: str, value: Any, minimum: Any, maximum: Any) -> Any:
-        if value < minimum:
-            raise self.error(name, f"must be at least {minimum}, got {value!r}")
-        if maximum is not None and value > maximum:
-            raise self.error(name, f"must be at most {maximum}, got {value!r}")
-        return value
-
-    def string(self, name: str, default: Optional[str]) -> Optional[str]:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value:
-            raise self.error(name, f"must be a non-empty string, got {value!r}")
-        return value
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.string(name, default)
-        assert value is not None
-        if value not in choices:
-            raise self.error(name, f"must be one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    def strings(self, name: str) -> Optional[tuple[str, ...]]:
-        value = self.raw(name)
-        if value is None:
-            return None
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(name, f"must be a list of strings, got {value!r}")
-        return tuple(value)
-
-    def items(self, name: str) -> list[Any]:
-        value = self.raw(name)
-        if value is None:
-            return []
-        if not isinstance(value, (list, tuple)):
-            raise self.error(name, f"must be a list, got {_kind(value)}")
-        return list(value)
-
-    def path(self, name: str, default: str) -> str:
-        value = self.string(name, default)
-        assert value is not None
-        if not value.startswith("/"):
-            raise self.error(name, f"must be a path starting with '/', got {value!r}")
-        return value
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            known = ", ".join(sorted(self.seen))
-            raise self.error(unknown[0], f"unknown key (known keys here: {known})")
-
-
 # --- the generic section reader ---------------------------------------------------------
+
+
+class _Partial(ConfigErrors):
+    """
+    The problems found in one value, with what could be read of it (the defaults standing
+    in for the bad parts), so that a section's check can still look at the good parts.
+    Raised inside this module only: the entry points raise plain errors.
+    """
+
+    def __init__(self, errors: list[ConfigError], value: Any) -> None:
+        super().__init__(errors)
+        self.value = value
+
+
+def _under(key: str, prefix: str) -> bool:
+    """Whether dotted ``key`` is ``prefix`` or a key inside it."""
+    if not key.startswith(prefix):
+        return False
+    rest = key[len(prefix) :]
+    return not rest or not prefix or rest[0] in ".["
+
+
+class _Failures:
+    """Which keys of one section could not be read, for the section's check."""
+
+    def __init__(self, r: _Reader, errors: list[ConfigError]) -> None:
+        self._r = r
+        self._errors = errors
+
+    def any(self, *names: str) -> bool:
+        """
+        Whether a problem was found at or inside any of ``names`` (dotted, relative to the
+        section), or at a key that holds one of them (say ``server`` for
+        ``server.merge_slashes``): the value seen there is then a default, not the
+        operator's.
+        """
+        for name in names:
+            key = self._r.key(name)
+            for e in self._errors:
+                inside = _under(e.key, key)
+                holds = len(e.key) > len(self._r.prefix) and _under(key, e.key)
+                if inside or holds:
+                    return True
+        return False
+
+
+_Check = Callable[[_Reader, Any, _Failures], None]
 
 #: ``(section class, field name) -> reader(r, name)``: keys with a shape of their own. A
 #: reader returns the value, or ``attrs.NOTHING`` to keep the schema's default.
 _CUSTOM: dict[tuple[type, str], Callable[[_Reader, str], Any]] = {}
-#: ``section class -> check(r, value)``: rules across the fields of one section.
-_CHECKS: dict[type, Callable[[_Reader, Any], None]] = {}
+#: ``section class -> check(r, value, failed)``: rules across the fields of one section.
+#: ``failed`` says which fields held a bad value; a rule about those is skipped, since
+#: the value the check sees there is the default, not what the operator wrote.
+_CHECKS: dict[type, _Check] = {}
 
 
 def _custom(cls: type, name: str) -> Callable[[Callable[[_Reader, str], Any]], Any]:
@@ -185,8 +127,8 @@ def _custom(cls: type, name: str) -> Callable[[Callable[[_Reader, str], Any]], A
     return register
 
 
-def _check(cls: type) -> Callable[[Callable[[_Reader, Any], None]], Any]:
-    def register(fn: Callable[[_Reader, Any], None]) -> Any:
+def _check(cls: type) -> Callable[[_Check], Any]:
+    def register(fn: _Check) -> Any:
         _CHECKS[cls] = fn
         return fn
 
@@ -207,7 +149,7 @@ def _simple(r: _Reader, name: str, spec: Spec, default: Any, field: Any) -> Any:
     if kind in ("int", "port"):
         return r.integer(name, default, spec.minimum or 0, spec.maximum)
     if kind == "seconds":
-        return r.number(name, default, spec.minimum or 0.0, spec.maximum)
+        return r.number(name, default, spec.minimum or 0.0, spec.maximum, duration=True)
     if kind == "str":
         return r.string(name, default)
     if kind == "choice":
@@ -222,29 +164,81 @@ def _simple(r: _Reader, name: str, spec: Spec, default: Any, field: Any) -> Any:
     raise AssertionError(f"unknown field kind {kind!r}")
 
 
+def _problems(error: ConfigError) -> tuple[list[ConfigError], Any]:
+    """The single problems of ``error``, and what could be read despite them."""
+    value = error.value if isinstance(error, _Partial) else attrs.NOTHING
+    return error.errors, value
+
+
 def read_section(r: _Reader, cls: type[T]) -> T:
     """
-    Read one section: every field of ``cls`` by its spec, then the section's own check.
+    Read one section: every field of ``cls`` by its spec, then the section's own check,
+    then refuse the keys the schema does not know.
 
-    :raises ConfigError: at the first bad or unknown key.
+    Every field is read even when an earlier one is bad (the schema's default stands in
+    for a bad value), so one reading reports every problem of the section.
+
+    :raises ConfigError: naming every bad or unknown key (a
+        :class:`~bungate.config.errors.ConfigErrors` when there are several).
     """
     values: dict[str, Any] = {}
+    errors: list[ConfigError] = []
     for field in attrs.fields(cls):  # type: ignore[arg-type]
         spec: Optional[Spec] = field.metadata.get(SPEC)
         if spec is None:
             continue
-        if spec.kind == "custom":
-            value = _CUSTOM[(cls, field.name)](r, field.name)
-            if value is not attrs.NOTHING:
-                values[field.name] = value
-        else:
-            values[field.name] = _simple(r, field.name, spec, _default(field), field)
+        r.seen.add(field.name)  # a known key, even when its reader fails before asking
+        try:
+            if spec.kind == "custom":
+                value = _CUSTOM[(cls, field.name)](r, field.name)
+            else:
+                value = _simple(r, field.name, spec, _default(field), field)
+        except ConfigError as e:
+            found, value = _problems(e)
+            errors.extend(found)
+        if value is not attrs.NOTHING:
+            values[field.name] = value
     result = cls(**values)
     check = _CHECKS.get(cls)
-    if check is not None:
-        check(r, result)
-    r.done()
+    try:
+        if check is not None:
+            check(r, result, _Failures(r, list(errors)))
+    except ConfigError as e:
+        errors.extend(e.errors)
+    try:
+        r.done()
+    except ConfigError as e:
+        errors.extend(e.errors)
+    if errors:
+        raise _Partial(errors, result)
     return result
+
+
+def _each(
+    r: _Reader, name: str, read: Callable[[str, object], T], unread: Optional[T] = None
+) -> tuple[T, ...]:
+    """
+    Read every item of the list under ``name`` with ``read(key, item)``, reporting the
+    problems of all of them.
+
+    :param unread: stands in for an item that could not be read at all, so that the
+        items after it keep their index; ``None`` leaves such an item out.
+    """
+    values: list[T] = []
+    errors: list[ConfigError] = []
+    for i, item in enumerate(r.items(name)):
+        try:
+            values.append(read(f"{r.key(name)}[{i}]", item))
+        except ConfigError as e:
+            found, value = _problems(e)
+            errors.extend(found)
+            if value is not attrs.NOTHING:
+                values.append(value)
+            elif unread is not None:
+                values.append(unread)
+    if errors:
+        raise _Partial(errors, tuple(values))
+    return tuple(values)
 
 
 # --- keys with a shape of their own ------------------------------------------------------
@@ -293,10 +287,40 @@ def _names(r: _Reader, name: str) -> tuple[str, ...]:
     return values
 
 
-_custom(TargetConfig, "url")(_url)
 _custom(RouteConfig, "target")(_url)
 _custom(RouteConfig, "middlewares")(_names)
 _custom(GatewayConfig, "middlewares")(_names)
+
+
+@_custom(ServerConfig, "eager_writes")
+def _eager_writes(r: _Reader, name: str) -> Any:
+    value = r.raw(name)
+    if value is None:
+        return attrs.NOTHING
+    if isinstance(value, bool):  # YAML reads on/off as booleans
+        return "on" if value else "off"
+    if value not in ("auto", "on", "off"):
+        raise r.error(name, f"must be auto, true or false; got {value!r}")
+    return value
+
+
+@_custom(ServerConfig, "server_header")
+def _server_header(r: _Reader, name: str) -> Any:
+    value = r.raw(name)
+    if value is None:
+        return attrs.NOTHING
+    if value is False:
+        return ""
+    if not isinstance(value, str) or not all(0x20 <= ord(c) < 0x7F for c in value):
+        raise r.error(name, f"must be printable ASCII text or false, got {value!r}")
+    return value.strip()
+
+
+@_custom(TargetConfig, "url")
+def _target_url(r: _Reader, name: str) -> Any:
+    if not r.has(name):
+        raise r.error(name, "is required")
+    return _url(r, name)
 
 
 @_custom(RedirectConfig, "allowed_hosts")
@@ -304,17 +328,38 @@ def _allowed_hosts(r: _Reader, name: str) -> tuple[str, ...]:
     return r.strings(name) or ()
 
 
+def _certificate_pair(r: _Reader) -> tuple[str, str]:
+    paths: list[str] = []
+    errors: list[ConfigError] = []
+    for name in ("cert", "key"):
+        try:
+            value = r.string(name, None)
+            if value is None:
+                raise r.error(name, "is required")
+            paths.append(value)
+        except ConfigError as e:
+            errors.append(e)
+    try:
+        r.done()
+    except ConfigError as e:
+        errors.append(e)
+    if errors:
+        raise combine(errors)
+    return paths[0], paths[1]
+
+
 @_custom(TLSConfig, "certificates")
 def _certificates(r: _Reader, name: str) -> dict[str, tuple[str, str]]:
     certificates: dict[str, tuple[str, str]] = {}
+    errors: list[ConfigError] = []
     certs = r.sub(name)
     for host in certs.data:
-        pair = certs.sub(host)
-        c, k = pair.string("cert", None), pair.string("key", None)
-        if c is None or k is None:
-            raise pair.error("cert" if c is None else "key", "is required")
-        pair.done()
-        certificates[host.lower()] = (c, k)
+        try:
+            certificates[host.lower()] = _certificate_pair(certs.sub(host))
+        except ConfigError as e:
+            errors.append(e)
+    if errors:
+        raise combine(errors)
     return certificates
 
 
@@ -327,13 +372,23 @@ def _redirect_http(r: _Reader, name: str) -> Any:
 
 
 @_check(TLSConfig)
-def _tls_check(r: _Reader, tls: TLSConfig) -> None:
-    if tls.enabled and (tls.cert is None or tls.key is None):
-        raise r.error("cert" if tls.cert is None else "key", "is required when tls.enabled is true")
+def _tls_check(r: _Reader, tls: TLSConfig, failed: _Failures) -> None:
+    if not tls.enabled or failed.any("enabled"):
+        return
+    missing = [
+        name
+        for name, value in (("cert", tls.cert), ("key", tls.key))
+        if value is None and not failed.any(name)
+    ]
+    if missing:
+        also = f" (and so is {r.key(missing[1])})" if len(missing) > 1 else ""
+        raise r.error(missing[0], f"is required when tls.enabled is true{also}")
 
 
 @_check(ClusterConfig)
-def _cluster_check(r: _Reader, c: ClusterConfig) -> None:
+def _cluster_check(r: _Reader, c: ClusterConfig, failed: _Failures) -> None:
+    if failed.any("heartbeat_interval", "heartbeat_timeout"):
+        return
     if c.heartbeat_timeout <= c.heartbeat_interval:
         raise r.error(
             "heartbeat_timeout",
@@ -378,12 +433,10 @@ def _strategy(r: _Reader, name: str) -> Any:
 
 @_custom(LoadBalancerConfig, "targets")
 def _targets(r: _Reader, name: str) -> tuple[TargetConfig, ...]:
-    targets = []
-    for i, item in enumerate(r.items(name)):
-        tr = _Reader(r.source, f"{r.key(name)}[{i}]", item)
-        if not tr.has("url"):
-            raise tr.error("url", "is required")
-        targets.append(read_section(tr, TargetConfig))
+    def read(key: str, item: object) -> TargetConfig:
+        return read_section(_Reader(r.source, key, item), TargetConfig)
+
+    targets = _each(r, name, read)
     if not targets:
         raise r.error(name, "needs at least one target")
     return tuple(targets)
@@ -433,8 +486,14 @@ def _load_balancer(r: _Reader, name: str) -> Any:
     return read_section(r.sub(name), LoadBalancerConfig)
 
 
+def _misspelt(r: _Reader, names: tuple[str, ...]) -> bool:
+    """Whether a key of ``r`` that no reader asked for is probably one of ``names``."""
+    return any(closest_key(k, r.seen) in names for k in r.data if k not in r.seen)
+
+
 @_check(RouteConfig)
-def _route_check(r: _Reader, route: RouteConfig) -> None:
+def _route_check(r: _Reader, route: RouteConfig, failed: _Failures) -> None:
+    # A key whose value was refused was still written: it counts as given.
     given = [
         k
         for k, v in (
@@ -442,20 +501,90 @@ def _route_check(r: _Reader, route: RouteConfig) -> None:
             ("handler", route.handler),
             ("load_balancer", route.load_balancer),
         )
-        if v
+        if v or failed.any(k)
     ]
+    if not given and _misspelt(r, ("target", "handler", "load_balancer")):
+        return  # the unknown-key error names the key meant; "needs one of" would add nothing
     if len(given) != 1:
         problem = "needs one of target, handler or load_balancer"
         if given:
             problem = f"sets {' and '.join(given)}; a route takes exactly one of them"
         raise ConfigError(r.source, r.prefix, problem)
+    if failed.any("handler", "circuit_breaker.enabled"):
+        return
     if route.handler is not None and route.circuit_breaker.enabled:
         raise r.error("circuit_breaker", "guards upstreams; a handler route has none (use target)")
 
 
+def _pattern_errors(server: ServerConfig, routes: Any, source: str) -> list[ConfigError]:
+    """The problems :func:`check_patterns` raises, for ``(index, route)`` pairs."""
+    errors: list[ConfigError] = []
+    seen: dict[str, int] = {}
+    for i, route in routes:
+        key = f"routes[{i}].pattern"
+        pattern = route.pattern
+        try:
+            normal = normalize_path(
+                pattern.encode("utf-8"),
+                merge_slashes=server.merge_slashes,
+                encoded_slashes=server.encoded_slashes,
+                path_params=server.path_params,
+            ).decode("ascii")
+        except TargetError as e:
+            errors.append(ConfigError(source, key, f"{pattern!r} can never match: {e.message}"))
+            continue
+        if normal != pattern:
+            errors.append(
+                ConfigError(
+                    source,
+                    key,
+                    f"{pattern!r} is not a normalized path (requests are matched on their "
+                    f"normalized form); write it as {normal!r}",
+                )
+            )
+        elif pattern in seen:
+            errors.append(
+                ConfigError(
+                    source, key, f"{pattern!r} is already routed by routes[{seen[pattern]}]"
+                )
+            )
+        else:
+            seen[pattern] = i
+    return errors
+
+
+def check_patterns(server: ServerConfig, routes: Any, source: str, first: int = 0) -> None:
+    """
+    Every route pattern is written as the normalized path a request is matched on (so
+    no pattern can never match), and no pattern is routed twice.
+
+    :param first: the index of ``routes[0]`` in the config (for errors).
+    :raises ConfigError: naming ``routes[i].pattern`` (a
+        :class:`~bungate.config.errors.ConfigErrors` when several patterns are wrong).
+    """
+    errors = _pattern_errors(server, enumerate(routes, first), source)
+    if errors:
+        raise combine(errors)
+
+
+@_check(GatewayConfig)
+def _gateway_check(r: _Reader, config: GatewayConfig, failed: _Failures) -> None:
+    if failed.any("server.merge_slashes", "server.encoded_slashes", "server.path_params"):
+        return
+    # A route whose pattern was refused (or that could not be read) has none to check.
+    routes = [(i, route) for i, route in enumerate(config.routes) if route.pattern is not None]
+    errors = _pattern_errors(config.server, routes, r.source)
+    if errors:
+        raise combine(errors)
+
+
 @_custom(GatewayConfig, "routes")
 def _routes(r: _Reader, name: str) -> tuple[RouteConfig, ...]:
-    return tuple(_route(r.source, i, item) for i, item in enumerate(r.items(name)))
+    def read(key: str, item: object) -> RouteConfig:
+        return read_section(_Reader(r.source, key, item), RouteConfig)
+
+    # A route that is not a mapping is held by a patternless one: later routes keep their index.
+    return _each(r, name, read, unread=RouteConfig())
 
 
 def _route(source: str, index: int, item: object) -> RouteConfig:
@@ -465,21 +594,126 @@ def _route(source: str, index: int, item: object) -> RouteConfig:
 # --- entry points ------------------------------------------------------------------------
 
 
+def _position(data: object, key: str) -> tuple[int, ...]:
+    """
+    Where dotted ``key`` is written in ``data``: the index of each step, mapping keys in
+    the order they are written. A key that is not written (``is required``) sorts after
+    the keys written next to it.
+    """
+    position: list[int] = []
+    node, rest = data, key
+    while rest:
+        if isinstance(node, Mapping):
+            # the longest key that starts ``rest``: a host name in a key may hold dots
+            best: Optional[tuple[int, str]] = None
+            for i, name in enumerate(node):
+                if isinstance(name, str) and _under(rest, name) and name:
+                    if best is None or len(name) > len(best[1]):
+                        best = (i, name)
+            if best is None:
+                position.append(len(node))
+                break
+            position.append(best[0])
+            node, rest = node[best[1]], rest[len(best[1]) :]
+        elif isinstance(node, (list, tuple)):
+            index = re.match(r"\[(\d+)\]", rest)
+            if index is None:
+                break
+            i = int(index.group(1))
+            position.append(i)
+            node, rest = (node[i] if i < len(node) else None), rest[index.end() :]
+        else:
+            break
+        if rest.startswith("."):
+            rest = rest[1:]
+    return tuple(position)
+
+
+def _in_document_order(error: ConfigError, data: object, prefix: str = "") -> ConfigError:
+    """``error``'s problems as one error, in the order their keys appear in ``data``."""
+
+    def where(e: ConfigError) -> tuple[int, ...]:
+        key = e.key
+        if prefix and _under(key, prefix):
+            key = key[len(prefix) :].lstrip(".")
+        return _position(data, key)
+
+    return combine(sorted(error.errors, key=where))
+
+
 def parse_route(source: str, index: int, item: Mapping[str, Any]) -> RouteConfig:
-    """Validate one route mapping (used by ``Gateway.add_route``)."""
-    return _route(source, index, item)
+    """
+    Validate one route mapping (used by ``Gateway.add_route``).
+
+    :raises ConfigError: naming every problem of the route (a
+        :class:`~bungate.config.errors.ConfigErrors` when there are several).
+    """
+    try:
+        return _route(source, index, item)
+    except ConfigError as e:
+        raise _in_document_order(e, item, f"routes[{index}]") from None
 
 
 def parse_config(data: object, source: str = "<dict>") -> GatewayConfig:
     """
-    Validate a configuration mapping.
+    Validate a configuration mapping, reporting every problem in it at once.
 
     :param data: the decoded YAML document or a dict built in Python.
     :param source: named in every error (the file path when loaded from a file).
-    :raises ConfigError: on the first problem found.
+    :raises ConfigError: the problem, when there is one; a
+        :class:`~bungate.config.errors.ConfigErrors` holding them all, in the order their
+        keys appear in ``data``, when there are several.
     """
-    config = read_section(_Reader(source, "", data), GatewayConfig)
+    try:
+        config = read_section(_Reader(source, "", data), GatewayConfig)
+    except ConfigError as e:
+        raise _in_document_order(e, data) from None
     return attrs.evolve(config, source=source)
+
+
+def warnings(config: GatewayConfig) -> list[str]:
+    """
+    What is valid in ``config`` but probably not what the operator meant, one line each
+    (``SOURCE: KEY: WHAT``), for the entry points to log and print.
+    """
+    source = config.source
+    found: list[str] = []
+    if not config.routes:
+        answered = []
+        if config.health.enabled:
+            answered.append(config.health.path)
+        if config.metrics.enabled and config.metrics.listen is None:
+            answered.append(config.metrics.path)
+        others = (
+            f"every request other than {' and '.join(answered)}" if answered else "every request"
+        )
+        found.append(f"{source}: routes: none configured: {others} gets 404")
+    tls = config.server.tls
+    if tls.redirect_http is not None and not tls.enabled:
+        found.append(
+            f"{source}: server.tls.redirect_http: ignored: server.tls.enabled is false, so "
+            "no redirect listener is opened"
+        )
+    elif tls.redirect_http is not None and not tls.redirect_http.allowed_hosts:
+        found.append(
+            f"{source}: server.tls.redirect_http.allowed_hosts: empty: the redirect follows "
+            "any Host header, so a forged one picks where clients are sent; list the host "
+            "names this gateway serves"
+        )
+    for i, route in enumerate(config.routes):
+        if not route.tls_verify and _https_upstreams(route):
+            found.append(
+                f"{source}: routes[{i}].tls_verify: false: the certificate of its https "
+                "upstream is not checked, so anyone on the path can pose as it"
+            )
+    return found
+
+
+def _https_upstreams(route: RouteConfig) -> bool:
+    urls = [route.target] if route.target else []
+    if route.load_balancer is not None:
+        urls.extend(t.url for t in route.load_balancer.targets)
+    return any(url is not None and url.startswith("https://") for url in urls)
 
 
 def load_config(path: str) -> GatewayConfig:

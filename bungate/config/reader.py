@@ -1,22 +1,73 @@
 """
 Reading typed values out of one mapping of a configuration document, every error naming
 the source and the dotted key.
+
+Durations are seconds: a bare number, or a string with a unit (``"500ms"``, ``"30s"``,
+``"2m"``, ``"1h"``). A bare number above a duration's maximum that would fit as
+milliseconds is refused with a hint, since the spec bungate ports writes milliseconds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import math
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
-from bungate.config.errors import ConfigError
+from bungate.config.errors import ConfigError, combine
 
-__all__ = ["Reader"]
+__all__ = ["Reader", "closest_key", "format_number", "suggest_key"]
 
 _KINDS: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+
+#: seconds per unit of a duration string; ``ms`` is divided by 1000 instead.
+_UNITS: dict[str, float] = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)")
+_FORMS = 'a number of seconds or a duration such as "30s", "500ms", "2m" or "1h"'
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def _kind(value: object) -> str:
     return _KINDS.get(type(value), type(value).__name__)
+
+
+def format_number(value: float) -> str:
+    """``value`` as an operator would write it: ``30`` rather than ``30.0``."""
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return repr(value)
+
+
+def closest_key(name: str, known: Iterable[str]) -> Optional[str]:
+    """
+    The known key that an unknown key ``name`` is probably a misspelling of, or ``None``.
+
+    A camelCase spelling (``shutdownTimeout``) is first read as snake_case
+    (``shutdown_timeout``); then the closest known key by
+    :func:`difflib.get_close_matches` is taken, if any is close enough.
+    """
+    candidates = sorted(known)
+    snake = _CAMEL_HUMP.sub("_", name).lower()
+    for spelling in (snake, name) if snake != name else (name,):
+        close = difflib.get_close_matches(spelling, candidates, n=1)
+        if close:
+            return close[0]
+    return None
+
+
+def suggest_key(name: str, known: Iterable[str]) -> Optional[str]:
+    """
+    The hint for an unknown key ``name`` among the ``known`` keys of its mapping (``did
+    you mean 'target'?``), or ``None`` when no known key is close. A spelling with
+    capitals is told that keys are snake_case.
+    """
+    key = closest_key(name, known)
+    if key is None:
+        return None
+    if name != name.lower():
+        return f"did you mean {key!r}? keys are snake_case"
+    return f"did you mean {key!r}?"
 
 
 class Reader:
@@ -84,15 +135,74 @@ class Reader:
         return int(self._bounded(name, value, minimum, maximum))
 
     def number(
-        self, name: str, default: float, minimum: float = 0.0, maximum: Optional[float] = None
+        self,
+        name: str,
+        default: float,
+        minimum: float = 0.0,
+        maximum: Optional[float] = None,
+        *,
+        duration: bool = False,
     ) -> float:
-        """A number of seconds within the bounds, or ``default`` when absent."""
+        """
+        A finite number within the bounds, or ``default`` when absent.
+
+        :param duration: the number is a duration in seconds. It may then also be given
+            as a string with a unit, ``ms``, ``s``, ``m`` or ``h`` (``"1.5s"``,
+            ``"500ms"``), and a bare number above ``maximum`` that is within the bounds
+            once divided by 1000 is refused with a hint that durations are seconds.
+        :returns: the number (of seconds, for a duration) as a float.
+        """
         value = self.raw(name)
         if value is None:
             return default
+        if duration and isinstance(value, str):
+            seconds = self._parse_duration(name, value)
+            return self._seconds_in_bounds(name, seconds, value, minimum, maximum)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(name, f"must be a number of seconds, got {value!r}")
-        return float(self._bounded(name, value, minimum, maximum))
+            forms = _FORMS if duration else "a number"
+            raise self.error(name, f"must be {forms}, got {value!r}")
+        if not math.isfinite(value):
+            raise self.error(name, f"must be a finite number, got {value!r}")
+        if not duration:
+            return float(self._bounded(name, value, minimum, maximum))
+        if maximum is not None and value > maximum and minimum <= value / 1000 <= maximum:
+            n = format_number(value)
+            s = format_number(value / 1000)
+            raise self.error(
+                name,
+                f"{n} seconds is more than {format_number(maximum)} s; durations are in "
+                f'seconds: write {s} (or "{s}s"), or "{n}ms" if you meant milliseconds',
+            )
+        return self._seconds_in_bounds(name, float(value), value, minimum, maximum)
+
+    def _parse_duration(self, name: str, text: str) -> float:
+        match = _DURATION.fullmatch(text.strip())
+        if match is None:
+            raise self.error(name, f"must be {_FORMS}, got {text!r}")
+        sign, digits, unit = match.groups()
+        if sign == "-":
+            raise self.error(name, f"must not be negative, got {text!r}")
+        if not unit:
+            raise self.error(name, f'{text!r} has no unit: write {digits} (seconds) or "{digits}s"')
+        if unit == "ms":  # divided: 9 * 0.001 is not 0.009, 9 / 1000 is
+            return float(digits) / 1000
+        if unit not in _UNITS:
+            raise self.error(name, f"has an unknown unit {unit!r} in {text!r} (use ms, s, m or h)")
+        return float(digits) * _UNITS[unit]
+
+    def _seconds_in_bounds(
+        self,
+        name: str,
+        seconds: float,
+        given: object,
+        minimum: float = 0.0,
+        maximum: Optional[float] = None,
+    ) -> float:
+        if seconds < minimum:
+            raise self.error(name, f"must be at least {format_number(minimum)} s, got {given!r}")
+        if maximum is not None and seconds > maximum:
+            raise self.error(name, f"must be at most {format_number(maximum)} s, got {given!r}")
+        return seconds
 
     def _bounded(self, name: str, value: Any, minimum: Any, maximum: Any) -> Any:
         if value < minimum:
@@ -145,8 +255,21 @@ class Reader:
         return value
 
     def done(self) -> None:
-        """Refuse the first key that no reader asked for."""
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            known = ", ".join(sorted(self.seen))
-            raise self.error(unknown[0], f"unknown key (known keys here: {known})")
+        """
+        Refuse every key that no reader asked for, in the order they are written, each
+        naming the known key it is probably a misspelling of, or else listing the known
+        keys of this mapping.
+
+        :raises ConfigError: one, or a :class:`~bungate.config.errors.ConfigErrors` when
+            there are several unknown keys.
+        """
+        errors = []
+        for name in self.data:
+            if name in self.seen:
+                continue
+            hint = suggest_key(name, self.seen)
+            if hint is None:
+                hint = f"known keys here: {', '.join(sorted(self.seen))}"
+            errors.append(self.error(name, f"unknown key ({hint})"))
+        if errors:
+            raise combine(errors)

@@ -4,7 +4,9 @@ The configuration schema: frozen attrs classes, one per section of the YAML file
 This is the only place a default is written. Each field carries a :class:`Spec` in its
 metadata saying how the parser reads it (kind, bounds, choices), so a new key is added in
 one line here and :mod:`bungate.config.parse` reads, checks and documents it from that.
-The YAML key of a field is its name. Durations are seconds.
+The YAML key of a field is its name. Durations are seconds: a bare number, or a string
+with a unit (``"500ms"``, ``"30s"``, ``"2m"``, ``"1h"``); each has a maximum, so that a
+millisecond value copied from the spec bungate ports is refused rather than read as hours.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "HTTP_METHODS",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "MAX_SECONDS",
     "SPEC",
     "TLS_VERSIONS",
     "CircuitBreakerConfig",
@@ -66,9 +69,10 @@ class Spec:
     """
     How the parser reads one field.
 
-    :ivar kind: ``bool``, ``int``, ``seconds``, ``str``, ``choice``, ``path``, ``port``,
-        ``strings``, ``section`` (a nested section class) or ``custom`` (read by a
-        function of its own in :mod:`bungate.config.parse`).
+    :ivar kind: ``bool``, ``int``, ``seconds`` (a duration: a number of seconds or a
+        string with a unit), ``str``, ``choice``, ``path``, ``port``, ``strings``,
+        ``section`` (a nested section class) or ``custom`` (read by a function of its own
+        in :mod:`bungate.config.parse`).
     :ivar minimum: the lowest value allowed (numbers).
     :ivar maximum: the highest value allowed (numbers), or ``None``.
     :ivar choices: the allowed values (``choice``).
@@ -98,8 +102,16 @@ def whole(
     return _field(Spec("int", minimum, maximum), default, factory)
 
 
-def seconds(default: float, minimum: float = 0.0, maximum: Optional[float] = None) -> Any:
-    """A duration in seconds."""
+#: The longest timeout or delay that makes sense: an hour. A bare number above a
+#: duration's maximum that fits once divided by 1000 is refused as likely milliseconds.
+MAX_SECONDS = 3600.0
+
+
+def seconds(default: float, minimum: float = 0.0, maximum: Optional[float] = MAX_SECONDS) -> Any:
+    """
+    A duration in seconds, at most ``maximum`` (``None``: no limit). Give a long-lived
+    duration a larger maximum rather than none, so that milliseconds are still caught.
+    """
     return _field(Spec("seconds", minimum, maximum), default)
 
 
@@ -174,8 +186,27 @@ class ServerConfig:
     host: str = text("0.0.0.0")
     port: int = port(3000)
     max_body_size: int = whole(10 * 1024 * 1024)
+    max_header_size: int = whole(16 * 1024, minimum=1024)
+    max_uri_length: int = whole(8 * 1024, minimum=256)
+    client_header_timeout: float = seconds(60.0, minimum=0.1)
+    client_body_timeout: float = seconds(60.0, minimum=0.1)
+    keepalive_timeout: float = seconds(75.0, minimum=0.1)
+    max_connections_per_worker: int = whole(4096, minimum=1)
     backlog: int = whole(1024, minimum=1)
     keepalive_requests: int = whole(1000)
+    #: ``//a`` is ``/a`` (nginx's merge_slashes).
+    merge_slashes: bool = flag(True)
+    #: ``%2F`` / ``%5C`` in a path: ``refuse`` (400) or ``keep`` (encoded, inside a segment).
+    encoded_slashes: str = choice("refuse", ("refuse", "keep"))
+    #: ``;`` in a path: ``refuse`` (400) or ``keep``.
+    path_params: str = choice("refuse", ("refuse", "keep"))
+    #: header names with ``_`` reach upstreams (nginx's underscores_in_headers).
+    underscores_in_headers: bool = flag(False)
+    #: the ``Server`` header of every answer (``""`` or ``false``: none).
+    server_header: str = custom("bungate")
+    #: ``auto`` (on where measured to pay: PyPy), ``on`` or ``off`` (YAML's ``true`` /
+    #: ``false`` too): see :mod:`bungate.http.transport`.
+    eager_writes: str = custom("auto")
     tls: TLSConfig = section(TLSConfig)
 
 
@@ -190,6 +221,8 @@ class ClusterConfig:
     restart_delay: float = seconds(1.0)
     max_restart_delay: float = seconds(30.0)
     respawn_threshold: int = whole(5)
+    #: an hour, not more: a crash loop shows within minutes, the lifetime limit is
+    #: max_restarts, and the spec's 60000 (ms) must not pass as 16 hours.
     respawn_threshold_time: float = seconds(60.0)
     shutdown_timeout: float = seconds(30.0)
     exit_on_shutdown: bool = flag(True)
@@ -198,6 +231,10 @@ class ClusterConfig:
     heartbeat_timeout: float = seconds(30.0, minimum=0.1)
     python: Optional[str] = text(None)
     allowed_env: Optional[tuple[str, ...]] = strings(None)
+    #: when every slot has failed: ``exit`` (close the listeners, exit 3, let systemd or
+    #: Kubernetes restart the gateway) or ``retry`` (start failed slots again after
+    #: ``max_restart_delay``, as nginx keeps trying).
+    on_all_failed: str = choice("exit", ("exit", "retry"))
 
 
 @attrs.frozen
@@ -225,6 +262,8 @@ class HealthConfig:
 
     enabled: bool = flag(True)
     path: str = path("/health")
+    #: list the fleet's workers (pids, connections, requests) to anyone who asks.
+    details: bool = flag(False)
 
 
 @attrs.frozen
@@ -254,7 +293,9 @@ class StickySessionConfig:
 
     enabled: bool = flag(False)
     cookie: str = custom("bungate_sticky")
-    ttl: float = seconds(3600.0, minimum=1.0)
+    #: a cookie's lifetime: up to a week (affinity lasting longer outlives deploys);
+    #: still catches the spec's 3600000 (ms).
+    ttl: float = seconds(3600.0, minimum=1.0, maximum=7 * 24 * 3600.0)
 
 
 @attrs.frozen

@@ -151,3 +151,14 @@ def test_methods_are_upper_cased_and_overrides_reach_workers():
     assert o.server.port == 8080 and o.cluster.workers == 3 and o.cluster.enabled
     # A worker gets the config as JSON: it says the same.
     assert from_json(to_json(o)) == o and from_json(to_json(o)).server.port == 8080
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, "auto"), ("auto", "auto"), (True, "on"), (False, "off"), ("on", "on")],
+)
+def test_eager_writes_takes_yaml_booleans(value, expected):
+    server = {} if value is None else {"eager_writes": value}
+    assert parse_config({"server": server}).server.eager_writes == expected
+    with pytest.raises(ConfigError, match=r"server\.eager_writes: must be auto, true or false"):
+        parse_config({"server": {"eager_writes": "sometimes"}})
