@@ -10,18 +10,20 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
-from twisted.web.server import Site
 
 from bungate.config import ConfigError, GatewayConfig, RouteConfig
 from bungate.http.dispatch import Dispatcher
 from bungate.http.handlers import resolve_handler
+from bungate.http.metrics import MetricsResource, metrics_site
 from bungate.http.middleware import check_plugins
+from bungate.http.proxy import ReverseProxy
 from bungate.http.redirect import RedirectResource
-from bungate.http.site import GatewayRequest, GatewaySite
+from bungate.http.site import GatewayRequest, GatewaySite, Limits, SideSite
 from bungate.http.tls import server_tls_factory
+from bungate.http.transport import eager_writes
 from bungate.http.upstream.tls import upstream_tls_policy
 from bungate.ops.logging import access_logger, log_access
-from bungate.ops.metrics import GatewayMetrics, MetricsResource, metrics_site
+from bungate.ops.metrics import GatewayMetrics
 from bungate.ops.tlsfiles import check_tls, check_upstream_tls
 
 __all__ = ["GatewayApp", "check_config"]
@@ -68,30 +70,81 @@ class GatewayApp:
     ) -> None:
         self.config = config
         self.names = dict(names)
+        self.logs = config.logger.request_logging
+        #: whether connections use the eager writes (``server.eager_writes``).
+        self.eager = eager_writes(config.server.eager_writes)
         metrics = resource = None
         if config.metrics.enabled:
             metrics = GatewayMetrics()
             resource = MetricsResource()
+        tls_policy = upstream_tls_policy(config.routes, config.source, self.names)
         self.dispatcher = Dispatcher(
             config,
             reactor,
             status=status,
             metrics=metrics,
             metrics_resource=resource,
-            tls_policy=upstream_tls_policy(config.routes, config.source, self.names),
-            access_log=_access_log(worker_id) if config.logger.request_logging else None,
+            access_log=_access_log(worker_id) if self.logs else None,
+            proxy=ReverseProxy(
+                reactor,
+                metrics=metrics,
+                tls_policy=tls_policy,
+                eager=self.eager,
+                underscores=config.server.underscores_in_headers,
+            ),
+            tls_policy=tls_policy,
         )
         self.site = GatewaySite(
             self.dispatcher,
             reactor,
-            max_body_size=config.server.max_body_size,
+            limits=Limits.from_server(config.server),
             on_done=self.dispatcher.on_done,
-            keepalive_requests=config.server.keepalive_requests,
+            on_reject=_rejected(metrics, self.logs, worker_id),
         )
 
     def add_route(self, route: RouteConfig) -> None:
         """Serve one more validated route."""
         self.dispatcher.add(route)
+
+    def reconfigure(self, config: GatewayConfig) -> list[str]:
+        """
+        Serve ``config``'s routes (and middlewares, upstream trust) from now on; requests
+        in flight finish with the old ones.
+
+        :returns: the keys that differ but cannot change in a running worker (listeners,
+            limits, TLS): they take new workers.
+        """
+        old = self.dispatcher
+        metrics, resource = old.metrics, old.metrics_resource
+        tls_policy = upstream_tls_policy(config.routes, config.source, self.names)
+        dispatcher = Dispatcher(
+            config,
+            old.reactor,
+            status=old.status,
+            metrics=metrics,
+            metrics_resource=resource,
+            access_log=old.access_log,
+            proxy=ReverseProxy(
+                old.reactor,
+                metrics=metrics,
+                tls_policy=tls_policy,
+                eager=self.eager,
+                underscores=config.server.underscores_in_headers,
+            ),
+            tls_policy=tls_policy,
+        )
+        self.dispatcher = dispatcher
+        self.site.dispatch = dispatcher
+        self.site.on_done = dispatcher.on_done
+        old.close()
+        old.reactor.callLater(60.0, old.close_connections)  # after its requests finished
+        fixed = [
+            name
+            for name in ("server", "metrics", "health", "logger")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
+        self.config = config
+        return fixed
 
     def main_factory(self) -> Any:
         """The factory of the main listener: the site, behind TLS when enabled."""
@@ -104,9 +157,12 @@ class GatewayApp:
         config = self.config
         if name == "redirect" and config.server.tls.redirect_http is not None:
             redirect = config.server.tls.redirect_http
-            return Site(RedirectResource(config.server.port, redirect.allowed_hosts))
+            return SideSite(
+                RedirectResource(config.server.port, redirect.allowed_hosts),
+                self.site.limits.server_header,
+            )
         if name == "metrics" and config.metrics.enabled:
-            return metrics_site(config.metrics.path)
+            return metrics_site(config.metrics.path, server_header=self.site.limits.server_header)
         return None
 
     def close(self, ports: list[Any], timeout: float) -> defer.Deferred[Any]:
@@ -123,14 +179,27 @@ class GatewayApp:
         return d
 
 
-def _access_log(worker_id: Optional[str]) -> Callable[[GatewayRequest, int, float], None]:
+AccessLog = Callable[..., None]
+
+
+def _peer(transport: Any) -> Optional[str]:
+    peer = getattr(transport.getPeer(), "host", None) if transport is not None else None
+    return str(peer) if peer is not None else None
+
+
+def _client(request: GatewayRequest) -> Optional[str]:
+    host = getattr(request.getClientAddress(), "host", None)
+    return str(host) if host is not None else None
+
+
+def _access_log(worker_id: Optional[str]) -> AccessLog:
     alog = access_logger()
 
     def access(request: GatewayRequest, status: int, duration: float) -> None:
         log_access(
             alog,
             method=request.method,
-            path=request.uri,  # as received, with the query string
+            path=request.uri,  # normalized once dispatched, with the query string
             status=status,
             duration=duration,
             bytes_sent=request.sentLength,
@@ -138,6 +207,37 @@ def _access_log(worker_id: Optional[str]) -> Callable[[GatewayRequest, int, floa
             upstream=request.upstream,
             request_id=request.request_id,
             worker_id=worker_id,
+            client=_client(request) if request.refused else None,
+            reason=request.refused,
         )
 
     return access
+
+
+def _rejected(
+    metrics: Any, logs: bool, worker_id: Optional[str]
+) -> Callable[[Any, int, str], None]:
+    """What a connection's own refusal (400, 408, 413, 414, 431, 503) leaves: a count, a line."""
+
+    def rejected(channel: Any, status: int, reason: str) -> None:
+        if metrics is not None:
+            metrics.request_rejected(status, reason)
+        if logs:
+            requests = channel.requests
+            request = requests[-1] if requests else None
+            log_access(
+                access_logger(),
+                method=getattr(channel, "_command", b"-"),
+                path=getattr(channel, "_path", b"-"),
+                status=status,
+                duration=0.0,
+                bytes_sent=0,
+                route=None,
+                upstream=None,
+                request_id=getattr(request, "request_id", b"") or b"-",
+                worker_id=worker_id,
+                client=_peer(channel.transport),
+                reason=reason,
+            )
+
+    return rejected

@@ -16,20 +16,24 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from bungate.config import GatewayConfig, LoadBalancerConfig, RouteConfig, TargetConfig
-from bungate.core.http1 import origin_form
 from bungate.core.routing import Router
+from bungate.core.target import Target, TargetError, normalize_target, parse_host
 from bungate.http.balanced import BalancedRoute
 from bungate.http.handlers import call_handler, resolve_handler
 from bungate.http.healthcheck import HealthProbes
 from bungate.http.middleware import make_middlewares, middleware_failed, run_request_middlewares
-from bungate.http.proxy import ReverseProxy
+from bungate.http.proxy import ReverseProxy, client_headers
 from bungate.http.site import GatewayRequest, json_response
 from bungate.interfaces import IMiddleware, UpstreamRequest
 from bungate.ops.logging import request_id
 
 __all__ = ["Dispatcher", "Route"]
+
+#: The ``Allow`` of a 405 for TRACE on a route without ``methods``.
+_ALLOW_BUT_TRACE = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 
 
 @attrs.define
@@ -98,6 +102,13 @@ class Dispatcher:
         self.proxy = proxy or ReverseProxy(reactor, metrics=metrics, tls_policy=tls_policy)
         #: the active health checks' HTTP client (treq), shared by the balanced routes.
         self.probes = HealthProbes(reactor, tls_policy)
+        server = config.server
+        self._normalize: dict[str, Any] = {
+            "merge_slashes": server.merge_slashes,
+            "encoded_slashes": server.encoded_slashes,
+            "path_params": server.path_params,
+            "max_length": server.max_uri_length,
+        }
         self.router: Router[Route] = Router()
         self.health_path = config.health.path.encode() if config.health.enabled else None
         self.metrics_path = (
@@ -191,14 +202,27 @@ class Dispatcher:
     # --- the request path -------------------------------------------------------------
 
     def __call__(self, request: GatewayRequest) -> None:
-        """Route one request and start answering it."""
-        path = request.path
+        """Normalize the target, check the Host, route, and start answering."""
+        try:
+            target = normalize_target(request.method, request.uri, **self._normalize)
+            request.host = self._host(request, target)
+        except TargetError as e:
+            self.refuse(request, e.status, e.reason, e.message)
+            return
+        # One normalized target for everything from here on: route match, middlewares,
+        # the access line and the path sent upstream.
+        request.target = target
+        request.uri = target.uri
+        request.path = path = target.path
+        if target.form == "asterisk":  # OPTIONS *: about the gateway, not a resource
+            request.responseHeaders.setRawHeaders(b"allow", [_ALLOW_BUT_TRACE])
+            request.setResponseCode(204)
+            request.finish()
+            return
         if self.health_path is not None and path == self.health_path:
-            request.route = None
             self._health(request)
             return
         if self.metrics_path is not None and path == self.metrics_path:
-            request.route = None
             body = self.metrics_resource.render(request)
             request.write(body)
             request.finish()
@@ -207,15 +231,12 @@ class Dispatcher:
         rid = request_id(incoming[0] if incoming else None)
         request.request_id = rid
         request.responseHeaders.setRawHeaders(b"x-request-id", [rid])
-        if b"/." in path and _has_dot_segment(path):
-            json_response(request, 400, {"error": "bad_path", "request_id": rid.decode("latin-1")})
-            return
-        match = self.router.match(path.decode("latin-1"))
+        match = self.router.match(path.decode("ascii"))
         if match is None:
             if self.middlewares:
                 self._with_middlewares(request, None)
                 return
-            json_response(request, 404, {"error": "not_found", "request_id": rid.decode("latin-1")})
+            self.refuse(request, 404, "not_found")
             return
         route = match.route
         request.route = route.label
@@ -225,10 +246,52 @@ class Dispatcher:
         if route.chain is not None:
             self._with_middlewares(request, route)
             return
-        if route.methods is not None and request.method not in route.methods:
+        if not self._allowed(request, route):
             self._not_allowed(request, route)
             return
         self._answer(request, route, None)
+
+    def _host(self, request: GatewayRequest, target: Target) -> Optional[bytes]:
+        """
+        The request's host (RFC 9112 §3.2): an absolute-form target's authority, which
+        then replaces any ``Host`` header, else the one ``Host`` header, valid; HTTP/1.1
+        requires it.
+
+        :raises TargetError: 400 for a missing, repeated or malformed host.
+        """
+        headers = request.requestHeaders
+        if target.authority is not None:
+            headers.setRawHeaders(b"host", [target.authority])
+            return target.authority
+        hosts = headers.getRawHeaders(b"host")
+        if not hosts:
+            if request.clientproto == b"HTTP/1.1":
+                raise TargetError(400, "missing_host", "HTTP/1.1 requires a Host header")
+            return None
+        if len(hosts) > 1:
+            raise TargetError(400, "repeated_host", "the request has more than one Host")
+        host = hosts[0]
+        channel: Any = request.channel
+        if host != getattr(channel, "valid_host", None):  # a kept-alive client repeats it
+            parse_host(host)
+            channel.valid_host = host
+        return host
+
+    def _allowed(self, request: GatewayRequest, route: Route) -> bool:
+        """The route's ``methods``; ``TRACE`` only where a route names it."""
+        if route.methods is not None:
+            return request.method in route.methods
+        return request.method != b"TRACE"
+
+    def refuse(self, request: GatewayRequest, status: int, reason: str, message: str = "") -> None:
+        """Answer a request the gateway refuses, with the reason and the request id."""
+        request.refused = reason
+        body: dict[str, Any] = {"error": reason}
+        if message:
+            body["message"] = message
+        if request.request_id:
+            body["request_id"] = request.request_id.decode("latin-1")
+        json_response(request, status, body)
 
     def _answer(
         self, request: GatewayRequest, route: Route, upstream: Optional[UpstreamRequest]
@@ -250,12 +313,9 @@ class Dispatcher:
             )
 
     def _not_allowed(self, request: GatewayRequest, route: Route) -> None:
-        request.responseHeaders.setRawHeaders(b"allow", [route.allow])
-        json_response(
-            request,
-            405,
-            {"error": "method_not_allowed", "allow": route.allow.decode()},
-        )
+        allow = route.allow or _ALLOW_BUT_TRACE
+        request.responseHeaders.setRawHeaders(b"allow", [allow])
+        self.refuse(request, 405, "method_not_allowed", f"allowed: {allow.decode()}")
 
     # --- middlewares ------------------------------------------------------------------
 
@@ -267,21 +327,18 @@ class Dispatcher:
         :param route: the matched route, or ``None`` (answered 404 after the gateway-wide
             middlewares let it through).
         """
-        upstream = UpstreamRequest(
-            request.method, origin_form(request.uri), request.requestHeaders.copy()
-        )
+        headers = Headers()
+        for name, value in client_headers(request, self.proxy.underscores):
+            headers.addRawHeader(name, value)
+        upstream = UpstreamRequest(request.method, request.uri, headers)
 
         def after_global(answered: bool) -> Any:
             if answered or request._disconnected or request.finished:
                 return None
             if route is None:
-                json_response(
-                    request,
-                    404,
-                    {"error": "not_found", "request_id": request.request_id.decode("latin-1")},
-                )
+                self.refuse(request, 404, "not_found")
                 return None
-            if route.methods is not None and request.method not in route.methods:
+            if not self._allowed(request, route):
                 self._not_allowed(request, route)
                 return None
             if not route.middlewares:
@@ -314,28 +371,34 @@ class Dispatcher:
         d.addErrback(request.processingFailed)
 
     def on_done(self, request: GatewayRequest, completed: bool) -> None:
-        """Account for a finished (or abandoned) request: metrics and the access line."""
+        """
+        Account for a finished (or abandoned) request: metrics and the access line.
+        The health and metrics endpoints are not traffic; a refused request is counted
+        by its reason, so probes leave a trace.
+        """
         route = request.route
-        if route is None:
+        refused = request.refused
+        if route is None and refused is None:
             return
         status = request.code if completed else 499
         duration = self.clock.seconds() - request.started
-        if self.metrics is not None:
-            self.metrics.request_finished(
-                request.method.decode("ascii", "replace"), route, status, duration
-            )
+        metrics = self.metrics
+        if metrics is not None:
+            if refused is not None:
+                metrics.request_rejected(status, refused)
+            if route is not None:
+                metrics.request_finished(
+                    request.method.decode("ascii", "replace"), route, status, duration
+                )
         if self.access_log is not None:
             self.access_log(request, status, duration)
 
     def _health(self, request: GatewayRequest) -> None:
         status = self.status()
+        if not self.config.health.details:
+            # Pids and connection counts are for operators: the metrics listener, or
+            # health.details: true on a trusted network.
+            status = {"status": status.get("status", "ok")}
         code = 503 if status.get("status") == "draining" else 200
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
         json_response(request, code, status)
-
-
-def _has_dot_segment(path: bytes) -> bool:
-    for segment in path.split(b"/"):
-        if segment in (b".", b".."):
-            return True
-    return False

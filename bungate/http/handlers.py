@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Mapping
 from importlib import import_module
 from typing import Any, Callable
@@ -50,6 +51,14 @@ def resolve_handler(spec: Any) -> Callable[..., Any]:
     module_name, _, attr = str(spec).partition(":")
     try:
         obj: Any = import_module(module_name)
+    except ModuleNotFoundError as e:
+        hint = ""
+        if e.name is not None and module_name.startswith(e.name):
+            hint = (
+                f" (workers import it from {os.getcwd()} and PYTHONPATH; "
+                "is its directory on PYTHONPATH?)"
+            )
+        raise ValueError(f"cannot import module {module_name!r}: {e}{hint}") from None
     except Exception as e:
         raise ValueError(f"cannot import module {module_name!r}: {e}") from None
     for part in attr.split("."):

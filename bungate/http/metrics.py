@@ -11,10 +11,10 @@ from typing import Optional
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.logger import Logger
-from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from bungate.http.site import SideSite
 from bungate.ops.metrics import multiprocess_dir
 
 __all__ = ["MetricsResource", "metrics_site"]
@@ -94,23 +94,19 @@ class _OnlyPath(Resource):
         return result
 
 
-class _QuietSite(Site):
-    """A Site that writes no access lines: scrapes are not traffic."""
-
-    noisy = False
-
-    def log(self, request: http.Request) -> None:
-        pass
-
-
-def metrics_site(path: str = "/metrics", resource: Optional[MetricsResource] = None) -> Site:
+def metrics_site(
+    path: str = "/metrics",
+    resource: Optional[MetricsResource] = None,
+    server_header: bytes = b"bungate",
+) -> Site:
     """
     A Site serving only the metrics, for the optional ``metrics.listen`` address.
 
     :param path: the URL path that answers (``metrics.path``); every other path is 404.
     :param resource: the resource to serve; a new :class:`MetricsResource` by default.
+    :param server_header: the ``Server`` value of its answers (empty for none).
     :return: a Site that logs no access lines; listen on it with ``endpoint.listen``.
     """
     if resource is None:
         resource = MetricsResource()
-    return _QuietSite(_OnlyPath(path.encode("utf-8"), resource))  # type: ignore[no-untyped-call]
+    return SideSite(_OnlyPath(path.encode("utf-8"), resource), server_header)

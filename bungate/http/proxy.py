@@ -39,12 +39,46 @@ OnResult = Callable[[str, int], None]
 #: ``on_failure(failure, kind) -> took_over``: see :meth:`ReverseProxy.forward`.
 OnFailure = Callable[[Failure, str], bool]
 
-# Not hop-by-hop, but the gateway sets them itself when it forwards a request.
-_REQUEST_SKIP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
-# ... and, when the client sent a Host, the X-Forwarded-Host it becomes.
-_REQUEST_SKIP_HOST = _REQUEST_SKIP | {b"x-forwarded-host"}
-# Rebuilt from the client connection on every request.
-_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
+# Not hop-by-hop, but the gateway sets them itself when it forwards a request: a copy
+# the client (or a middleware) sent is never passed on as if it were ours.
+_GATEWAY_SET = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
+_REQUEST_SKIP = HOP_BY_HOP | _GATEWAY_SET
+# What an upstream says of itself that clients are not told (nginx's proxy_hide_header
+# defaults): the gateway's own Date and Server stand instead.
+_RESPONSE_HIDE = HOP_BY_HOP | {b"server", b"date", b"x-pad"}
+
+
+def client_headers(request: Any, underscores: bool = False) -> list[tuple[bytes, bytes]]:
+    """
+    The client's headers that may be passed upstream: without the hop-by-hop ones (the
+    fixed set and those the client's own ``Connection`` names, RFC 9110 §7.6.1), without
+    those the gateway sets itself, and without names holding ``_`` unless
+    ``underscores`` (CGI and WSGI upstreams read ``X_Forwarded_For`` as
+    ``X-Forwarded-For``).
+    """
+    source = request.requestHeaders
+    named = _REQUEST_SKIP
+    tokens = source.getRawHeaders(b"connection")
+    if tokens:
+        named = named | {t.strip().lower() for v in tokens for t in v.split(b",")}
+    lines: list[tuple[bytes, bytes]] = []
+    for name, values in source.getAllRawHeaders():
+        lower = name.lower()
+        if lower in named or (not underscores and b"_" in name):
+            continue
+        for value in values:
+            lines.append((name, value))
+    return lines
 # What a middleware may leave in the upstream request line (RFC 9110 token, origin-form).
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
@@ -57,14 +91,25 @@ class ReverseProxy:
     :param reactor: connects and times (``callLater``).
     :param metrics: an object with ``upstream_error(route, kind)``, or ``None``.
     :param tls_policy: the ``IPolicyForHTTPS`` for ``https://`` upstreams, or ``None``.
+    :param eager: give upstream connections the eager writes of :mod:`bungate.http.transport`.
+    :param underscores: pass header names holding ``_`` upstream
+        (``server.underscores_in_headers``).
     """
 
-    def __init__(self, reactor: Any, metrics: Any = None, tls_policy: Any = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        metrics: Any = None,
+        tls_policy: Any = None,
+        eager: bool = True,
+        underscores: bool = False,
+    ) -> None:
         self.clock: Any = reactor  # IReactorTime (typed Any: its zope methods lack self)
         self.metrics = metrics
+        self.underscores = underscores
         #: the upstream connections (see :mod:`bungate.http.upstream.pool` for why not Agent).
         self.upstreams = UpstreamClient(
-            reactor, max_idle_per_host=256, idle_timeout=60.0, tls_policy=tls_policy
+            reactor, max_idle_per_host=256, idle_timeout=60.0, tls_policy=tls_policy, eager=eager
         )
 
     def close(self) -> defer.Deferred[None]:
@@ -103,47 +148,39 @@ class ReverseProxy:
         :param on_failure: called with ``(failure, kind)`` before a 502/504 is written;
             returning ``True`` means the caller took over (e.g. retried elsewhere).
         """
+        lines: list[tuple[bytes, bytes]] = [(b"Host", b"")]
         if upstream is None:
             method = request.method
-            uri = request.uri
-            if not uri.startswith(b"/"):
-                uri = origin_form(uri)  # absolute-form: forward only the path and query
-            source = request.requestHeaders
+            uri = request.uri if request.target is not None else origin_form(request.uri)
+            lines += client_headers(request, self.underscores)
             chain = None
         else:
             method = upstream.method
             uri = upstream.path
-            source = upstream.headers
             if not (_TOKEN.fullmatch(method) and _ORIGIN_FORM.fullmatch(uri)):
                 # A middleware set something that would split the request line.
                 problem = ValueError(f"invalid upstream request line {method!r} {uri!r}")
                 middleware_failed(request, "request", Failure(problem))
                 return
+            # The client's hop-by-hop headers went before the middlewares ran; what a
+            # middleware added stays, except what is hop-by-hop or ours to set.
+            for name, values in upstream.headers.getAllRawHeaders():
+                if name.lower() not in _REQUEST_SKIP:
+                    lines.extend((name, value) for value in values)
         request.upstream = target.decode("ascii")
         host_header, prefix = self.upstreams.head_for(target)
-
-        lines: list[tuple[bytes, bytes]] = [(b"Host", host_header)]
-        host = source.getRawHeaders(b"host")
-        named = _REQUEST_SKIP_HOST if host else _REQUEST_SKIP
-        tokens = source.getRawHeaders(b"connection")
-        if tokens:
-            named = named | {t.strip().lower() for v in tokens for t in v.split(b",")}
-        for name, values in source.getAllRawHeaders():
-            lower = name.lower()
-            if lower in named or lower in _FORWARDED:
-                continue
-            for value in values:
-                lines.append((name, value))
+        lines[0] = (b"Host", host_header)
+        prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
         peer = getattr(request.getClientAddress(), "host", None)
-        prior = source.getRawHeaders(b"x-forwarded-for")
         if peer is not None:
             forwarded = (b", ".join(prior) + b", " if prior else b"") + peer.encode("ascii")
             lines.append((b"X-Forwarded-For", forwarded))
         elif prior:
             lines.extend((b"X-Forwarded-For", v) for v in prior)
         lines.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
+        host = getattr(request, "host", None)
         if host:
-            lines.append((b"X-Forwarded-Host", host[0]))
+            lines.append((b"X-Forwarded-Host", host))
         lines.append((b"X-Request-Id", request.request_id))
 
         body: Any = None
@@ -333,7 +370,7 @@ class _ProxySink:
             self.on_result("ok", code)
         request.setResponseCode(code, phrase or None)
         no_body = self.method == b"HEAD" or code in NO_BODY_STATUS
-        named = HOP_BY_HOP
+        named = _RESPONSE_HIDE
         connection = self.exchange.connection_header
         if connection:
             named = named | {t.strip() for t in connection.split(b",")}
@@ -342,6 +379,8 @@ class _ProxySink:
             lower = name.lower()
             if lower in named or (lower == b"content-length" and (not no_body or code == 204)):
                 continue
+            if lower.startswith(b"x-accel-"):
+                continue  # nginx's internal redirect and buffering controls
             values = grouped.get(lower)
             if values is None:
                 grouped[lower] = [value]

@@ -13,8 +13,11 @@ and :meth:`GatewaySite.drain` does what nginx does on a graceful stop:
 - at the deadline whatever is left is aborted.
 
 :class:`GatewayRequest` skips twisted.web's resource traversal: ``process`` hands the
-request straight to the site's ``dispatch`` callable. It caps the request body at
-``max_body_size`` (413) and reports each finished request once to ``on_done``.
+request straight to the site's ``dispatch`` callable. It refuses a body over
+``max_body_size`` with 413 as soon as that is known, and reports each finished request
+once to ``on_done``. The limits on the connection itself are in
+:mod:`bungate.http.channel`; the site enforces their timeouts with one sweep a second
+(not a timer per request) and the connection cap.
 """
 
 from __future__ import annotations
@@ -23,19 +26,30 @@ import json
 import time
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from bungate._once import Once
+from bungate.config import ServerConfig
+from bungate.http.channel import GatewayChannel, Limits
 
-__all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "json_response"]
+__all__ = [
+    "GatewayChannel",
+    "GatewayRequest",
+    "GatewaySite",
+    "Limits",
+    "SideSite",
+    "json_response",
+]
 
 log = Logger(namespace="bungate.web")
 
-_SERVER = b"bungate"
+#: Seconds between two looks at every connection's head and body timers.
+SWEEP_INTERVAL = 1.0
+
 _date_cache: list[Any] = [0, b""]
 
 
@@ -87,26 +101,34 @@ class GatewayRequest(server.Request):
     request_id: bytes = b""
     params: dict[str, str] = {}
     on_abort: Optional[Callable[[], None]] = None
-    too_large = False
+    #: the normalized target (:class:`bungate.core.target.Target`), once dispatched.
+    target: Any = None
+    #: the validated host (``Host``, or an absolute-form target's authority).
+    host: Optional[bytes] = None
+    #: why the gateway refused the request itself (``None`` when it did not).
+    refused: Optional[str] = None
     _received = 0
     _reported = False
     started = 0.0
 
     def gotLength(self, length: Optional[int]) -> None:
-        """Refuse to store a body whose announced length is over the limit."""
-        limit = self.channel.site.max_body_size  # type: ignore[attr-defined]
+        """A ``Content-Length`` over the limit: 413 now, before the body is read."""
+        channel: Any = self.channel
+        limit = channel.site.limits.max_body_size
         if length is not None and length > limit:
-            self.too_large = True
+            channel.reject(413, "payload_too_large", f"the body limit is {limit} bytes")
             length = 0
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        """Store body bytes until the limit, then drop them and remember why."""
-        if self.too_large:
+        """Store body bytes; the moment a chunked body passes the limit, 413."""
+        channel: Any = self.channel
+        if channel.rejected:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body_size:  # type: ignore[attr-defined]
-            self.too_large = True
+        limit = channel.site.limits.max_body_size
+        if self._received > limit:
+            channel.reject(413, "payload_too_large", f"the body limit is {limit} bytes")
             return
         self.content.write(data)  # type: ignore[union-attr]
 
@@ -117,19 +139,13 @@ class GatewayRequest(server.Request):
         self.started = site.clock.seconds()
         if site.on_request is not None:
             site.on_request()
+        if self.channel.rejected:  # type: ignore[attr-defined]
+            return  # answered already (e.g. 413)
         headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [_SERVER])
+        server_header = site.limits.server_header
+        if server_header:
+            headers.setRawHeaders(b"server", [server_header])
         headers.setRawHeaders(b"date", [_http_date()])
-        if self.too_large:
-            self.route = None
-            self.channel.persistent = False
-            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            json_response(
-                self,
-                413,
-                {"error": "payload_too_large", "limit_bytes": site.max_body_size},
-            )
-            return
         try:
             site.dispatch(self)
         except Exception:
@@ -180,90 +196,38 @@ class GatewayRequest(server.Request):
             site.on_done(self, False)
 
 
-class GatewayChannel(http.HTTPChannel):
-    """An HTTP/1.1 connection that its site can track and drain."""
+class _SideRequest(server.Request):
+    """A request on a side listener: its ``Server`` header is the gateway's, not Twisted's."""
 
-    site: Any  # the GatewaySite that built this channel
-    _idle_call: Any = None
-    _host: Any = None
-    _served = 0  # requests whose persistence was decided on this connection
+    def render(self, resrc: Any) -> None:
+        """Replace twisted.web's ``Server: TwistedWeb/...`` before the resource answers."""
+        value: bytes = self.channel.site.server_header  # type: ignore[attr-defined]
+        if value:
+            self.responseHeaders.setRawHeaders(b"server", [value])
+        else:
+            self.responseHeaders.removeHeader(b"server")
+        super().render(resrc)
 
-    def getHost(self) -> Any:
-        """
-        The local address, asked of the kernel once per connection.
 
-        ``twisted.web`` asks for it on every request, and a TCP transport answers with a
-        ``getsockname()`` system call each time.
-        """
-        host = self._host
-        if host is None:
-            host = self._host = super().getHost()
-        return host
+class SideSite(server.Site):
+    """
+    A plain twisted.web site for the gateway's side listeners (the HTTPS redirect, the
+    metrics listener): the gateway's ``Server`` header and no access lines.
 
-    def connectionMade(self) -> None:
-        """Register with the site."""
-        super().connectionMade()
-        self.site.channel_opened(self)
+    :param resource: the root resource.
+    :param server_header: the ``Server`` value (``server.server_header``); empty for none.
+    """
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        """Unregister; the site notices when the last connection of a drain is gone."""
-        self._cancel_idle()
-        super().connectionLost(reason)
-        self.site.channel_closed(self)
+    requestFactory = _SideRequest
+    noisy = False
+    displayTracebacks = False
 
-    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
-        """
-        Keep the connection open after this request?
+    def __init__(self, resource: Any, server_header: bytes = b"bungate") -> None:
+        super().__init__(resource)
+        self.server_header = server_header
 
-        Only HTTP/1.1 without a ``close`` token (Twisted's own check splits the header
-        on spaces, so ``Connection: close, X-Foo`` would wrongly stay open), never while
-        draining, and not after the site's ``keepalive_requests`` requests (as nginx's
-        ``keepalive_requests``): clients then reconnect, which bounds what one connection
-        holds and lets connections that piled up on one worker spread over the fleet.
-        """
-        if version != b"HTTP/1.1":
-            return False
-        self._served += 1
-        limit = self.site.keepalive_requests
-        close = self.site.draining or (limit > 0 and self._served >= limit)
-        if not close:
-            for value in request.requestHeaders.getRawHeaders(b"connection", ()):
-                if b"close" in (t.strip().lower() for t in value.split(b",")):
-                    close = True
-                    break
-        if close:
-            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            return False
-        return True
-
-    def allHeadersReceived(self) -> None:
-        """A request arrived: this connection is no longer idle."""
-        self._cancel_idle()
-        super().allHeadersReceived()
-
-    def requestDone(self, request: http.Request) -> None:
-        """After a response on a kept-alive connection during drain, start the idle clock."""
-        super().requestDone(request)
-        if self.site.draining and self.persistent and not self.requests:
-            self.close_when_idle()
-
-    def close_when_idle(self) -> None:
-        """Close this connection if no request arrives within the site's idle grace."""
-        if self.requests or self.transport is None:
-            return
-        self._cancel_idle()
-        self._idle_call = self.site.clock.callLater(self.site.idle_grace, self._close_if_idle)
-
-    def _close_if_idle(self) -> None:
-        self._idle_call = None
-        transport: Any = self.transport
-        if not self.requests and transport is not None:
-            transport.loseConnection()
-
-    def _cancel_idle(self) -> None:
-        call, self._idle_call = self._idle_call, None
-        if call is not None and call.active():
-            call.cancel()
+    def log(self, request: http.Request) -> None:
+        """No access line: these answers are not traffic."""
 
 
 class GatewaySite(server.Site):
@@ -272,12 +236,12 @@ class GatewaySite(server.Site):
 
     :param dispatch: called with each :class:`GatewayRequest`; must answer it.
     :param clock: the reactor (or a ``Clock`` in tests).
-    :param max_body_size: request bodies above this many bytes get 413.
+    :param limits: what a client is allowed (the ``server`` section's defaults when
+        ``None``); ``limits.keepalive_timeout`` closes idle keep-alive connections.
     :param on_done: called with ``(request, completed)`` once per request.
-    :param idle_timeout: keep-alive connections idle this long are closed (seconds).
+    :param on_reject: called with ``(channel, status, reason)`` once per request the
+        connection refused itself (400, 408, 413, 414, 431, 503).
     :param idle_grace: while draining, idle connections are closed after this long.
-    :param keepalive_requests: a connection's last request (its answer says
-        ``Connection: close``) is its this-many-th; 0 for no limit.
     """
 
     requestFactory = GatewayRequest
@@ -289,19 +253,20 @@ class GatewaySite(server.Site):
         self,
         dispatch: Callable[[GatewayRequest], None],
         clock: Any,
-        max_body_size: int = 10 * 1024 * 1024,
+        limits: Optional[Limits] = None,
         on_done: Optional[Callable[[GatewayRequest, bool], None]] = None,
-        idle_timeout: float = 75.0,
+        on_reject: Optional[Callable[[GatewayChannel, int, str], None]] = None,
         idle_grace: float = 1.0,
-        keepalive_requests: int = 1000,
     ) -> None:
-        super().__init__(Resource(), timeout=idle_timeout, reactor=clock)
+        limits = limits or Limits.from_server(ServerConfig())
+        super().__init__(Resource(), timeout=limits.keepalive_timeout, reactor=clock)
         self.dispatch = dispatch
         self.clock = clock
-        self.max_body_size = max_body_size
+        self.limits = limits
         self.on_done = on_done or (lambda request, completed: None)
+        self.on_reject = on_reject
         self.idle_grace = idle_grace
-        self.keepalive_requests = keepalive_requests
+        self._sweep: Optional[task.LoopingCall] = None
         #: Called with the number of open connections whenever it changes.
         self.on_connections: Optional[Callable[[int], None]] = None
         #: Called as each request arrives, before it is dispatched.
@@ -342,10 +307,44 @@ class GatewaySite(server.Site):
         return d
 
     def channel_opened(self, channel: GatewayChannel) -> None:
-        """Track a new connection."""
+        """
+        Track a new connection. At ``max_connections``, close the one that has waited
+        longest for its request head to make room, or, when every one is busy with a
+        request, refuse the new one with 503.
+        """
+        if len(self.channels) >= self.limits.max_connections:
+            idle = [c for c in self.channels if c.waiting_for_head and not c.rejected]
+            if not idle:
+                channel.reject(503, "too_many_connections", "the gateway is at capacity")
+                return
+            oldest = min(idle, key=lambda c: c.head_since or 0.0)
+            transport: Any = oldest.transport
+            if transport is not None:
+                transport.abortConnection()
+            self.channels.discard(oldest)
         self.channels.add(channel)
         if self.on_connections is not None:
             self.on_connections(len(self.channels))
+        if self._sweep is None:
+            self._sweep = task.LoopingCall(self._check_timeouts)
+            self._sweep.clock = self.clock
+            self._sweep.start(SWEEP_INTERVAL, now=False)
+
+    def channel_rejected(self, channel: GatewayChannel, status: int, reason: str) -> None:
+        """A connection refused a request itself: report it (access line, metrics)."""
+        if self.on_reject is not None:
+            self.on_reject(channel, status, reason)
+
+    def _check_timeouts(self) -> None:
+        now = self.clock.seconds()
+        head_limit = now - self.limits.header_timeout
+        body_limit = now - self.limits.body_timeout
+        for channel in list(self.channels):
+            head, body = channel.head_since, channel.body_since
+            if head is not None and head < head_limit:
+                channel.reject(408, "header_timeout", "the request head took too long")
+            elif body is not None and body < body_limit:
+                channel.reject(408, "body_timeout", "the request body stalled")
 
     def channel_closed(self, channel: Optional[GatewayChannel]) -> None:
         """Forget a closed connection; complete the drain when none is left."""
@@ -354,7 +353,13 @@ class GatewaySite(server.Site):
             if self.on_connections is not None:
                 self.on_connections(len(self.channels))
         if self.draining and not self.channels:
+            self._stop_sweep()
             self._drained.fire(None)
+
+    def _stop_sweep(self) -> None:
+        sweep, self._sweep = self._sweep, None
+        if sweep is not None and sweep.running:
+            sweep.stop()
 
     def _abort_all(self) -> None:
         left = list(self.channels)

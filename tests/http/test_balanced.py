@@ -730,3 +730,27 @@ def test_third_party_middleware_plugin_answers_and_adds_upstream_header(tmp_path
         assert caller == ["alice"]
         assert key_forwarded is False
         assert tag == ["passed 200"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_connection_header_cannot_remove_what_a_middleware_added(
+    stub_middlewares: None,
+) -> Any:
+    servers = [start_upstream("u0")]
+    route = lb_route([servers[0].url], pattern="/lb/*", middlewares=["slow-tag"])
+    gw = yield start_gateway(gateway_config(route))
+    try:
+        # The client names X-Tag hop-by-hop: that removes the client's own copy (before the
+        # middleware runs), never the one the middleware adds.
+        response, body = yield get(
+            gw.base + "/lb/x",
+            headers={b"connection": [b"x-tag, x-other"], b"x-tag": [b"forged"], b"x-other": [b"1"]},
+        )
+        doc = json.loads(body)
+        assert response.code == 200
+        assert doc["headers"]["x-tag"] == ["on"]
+        assert "x-other" not in doc["headers"]
+    finally:
+        yield gw.close()
+        for s in servers:
+            yield s.stop()

@@ -56,5 +56,6 @@ def cluster_config(upstream_url: str, workers: int = 2, **cluster: Any) -> dict[
         "server": {"host": "127.0.0.1", "port": 0},
         "cluster": settings,
         "logger": {"level": "info", "request_logging": False},
+        "health": {"details": True},  # the tests read the fleet from /health
         "routes": [{"pattern": "/*", "target": upstream_url}],
     }

@@ -14,6 +14,7 @@ gateway = Gateway(
     server={"host": "127.0.0.1", "port": int(sys.argv[1]) if len(sys.argv) > 1 else 0},
     cluster={"enabled": True, "workers": 2},
     logger={"request_logging": False},
+    health={"details": True},
 )
 gateway.add_route("/whoami", handler=whoami)
 
