@@ -100,7 +100,9 @@ def test_there_is_no_import_circle() -> None:
     # A package's __init__ importing its own submodules is how a package hands names
     # on, not a circle between rooms.
     edges = {
-        m: {i for i in targets if not (i.startswith(m + ".") and source_of(m).name == "__init__.py")}
+        m: {
+            i for i in targets if not (i.startswith(m + ".") and source_of(m).name == "__init__.py")
+        }
         for m, targets in edges.items()
     }
     circles = [m for m in edges if m in reach(edges, m)]
@@ -139,7 +141,9 @@ def test_the_pure_packages_import_no_reactor_and_no_io(room: str) -> None:
 
 
 def test_importing_the_pure_packages_does_not_import_a_reactor() -> None:
-    pure = [m for m in all_modules() if in_package(m, "bungate.core") or in_package(m, "bungate.config")]
+    pure = [
+        m for m in all_modules() if in_package(m, "bungate.core") or in_package(m, "bungate.config")
+    ]
     # Without running the facade (bungate/__init__.py imports the gateway, and so
     # everything): a bare package stands in for it.
     script = (

@@ -72,6 +72,7 @@ _BUNGATE_CONFIG = """\
 server: {{host: 127.0.0.1, port: {port}{server}}}
 cluster: {{enabled: true, workers: {workers}{python}}}
 logger: {{level: warn, request_logging: false}}
+health: {{details: true}}
 routes:
   - {{pattern: /*, target: "http://127.0.0.1:{upstream_port}"}}
 """
