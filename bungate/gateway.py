@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from bungate._once import Once
 from bungate.config import GatewayConfig, parse_config, parse_route
+from bungate.config.parse import check_patterns
 from bungate.http.app import check_config
 from bungate.master.service import MasterService
 from bungate.ops.logging import begin_logging
@@ -59,7 +60,10 @@ class Gateway:
         worker, which serves this configuration.
     :param config_loader: in a master, re-reads the config on SIGHUP.
     :param manage_logging: begin logging to stdout (off when ``twist`` logs for us).
-    :param log_output: in a master, where the workers' own log lines are written.
+    :param log_output: in a master, where the workers' own log lines are written (its
+        ``reopen()``, if it has one, runs on SIGUSR1).
+    :param pinned: in a master, ``{config key: option}`` for the command-line overrides
+        a reload keeps (for the log).
     :param kwargs: top-level sections merged into ``config`` (``server=...``,
         ``cluster=...``, ``routes=...``).
     """
@@ -73,6 +77,7 @@ class Gateway:
         config_loader: Optional[Callable[[], GatewayConfig]] = None,
         manage_logging: bool = True,
         log_output: Optional[IO[str]] = None,
+        pinned: Optional[Mapping[str, str]] = None,
         **kwargs: Any,
     ) -> None:
         if reactor is None:
@@ -85,6 +90,7 @@ class Gateway:
         self.config_loader = config_loader
         self.manage_logging = manage_logging
         self.log_output = log_output
+        self.pinned = dict(pinned or {})
         self._service: Union[SingleService, WorkerService, MasterService, None] = None
         self._closing: Optional[Once[None]] = None
 
@@ -117,7 +123,9 @@ class Gateway:
         ):
             if value is not None:
                 item[key] = value
-        route = parse_route("<add_route>", len(self.config.routes), item)
+        index = len(self.config.routes)
+        route = parse_route("<add_route>", index, item)
+        check_patterns(self.config.server, (*self.config.routes, route), "<add_route>")
         self.config = attrs.evolve(self.config, routes=(*self.config.routes, route))
         service = self._service
         if isinstance(service, (SingleService, WorkerService)):
@@ -150,6 +158,12 @@ class Gateway:
         """The listening ports of a worker or a single process (empty once closed)."""
         service = self._service
         return service.ports if isinstance(service, (SingleService, WorkerService)) else []
+
+    @property
+    def exit_code(self) -> int:
+        """The exit status this process should leave with once stopped (0: all well)."""
+        service = self._service
+        return service.exit_code if isinstance(service, MasterService) else 0
 
     def status(self) -> dict[str, Any]:
         """The health document this process serves at ``/health``."""
@@ -191,14 +205,17 @@ class Gateway:
         args: list[str] = []
         if self.worker_script is None and _is_user_script(sys.argv):
             script, args = os.path.abspath(sys.argv[0]), sys.argv[1:]
+        # The built-in worker's configs are checked in a fresh process (the master imports
+        # no handler module); a user's script imported its own handlers already.
         master = self._service = MasterService(
             self.config,
             self.reactor,
-            validate=check_config,
+            validate=None if script is None else check_config,
             worker_script=script,
             script_args=args,
             config_loader=self.config_loader,
             output=self.log_output,
+            pinned=self.pinned,
         )
         self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
         return master.start()
@@ -253,8 +270,14 @@ def run(gateway: Optional[Gateway] = None) -> None:
 
         reactor.callWhenRunning(start)
     if in_worker():
-        run_worker_reactor(reactor)
+
+        def worker() -> Optional[WorkerService]:
+            service = gateway._service if gateway is not None else None
+            return service if isinstance(service, WorkerService) else None
+
+        run_worker_reactor(reactor, worker)
     else:
         reactor.run()
-    if exit_code[0]:
-        raise SystemExit(exit_code[0])
+    code = exit_code[0] or (gateway.exit_code if gateway is not None else 0)
+    if code:
+        raise SystemExit(code)

@@ -1,5 +1,5 @@
 """
-A gateway in one process (``cluster.enabled: false``), internal: it binds its own
+A gateway in one process, ``cluster.enabled: false`` (internal): it binds its own
 listeners and serves them itself, with the same HTTP side as a worker.
 """
 
@@ -68,7 +68,9 @@ class SingleService:
             sock = bind_listener(host, port, backlog)
             try:
                 if name == "main":
-                    main = adopt_port(self.reactor, sock.fileno(), factory, balanced=False)
+                    main = adopt_port(
+                        self.reactor, sock.fileno(), factory, balanced=False, eager=self.app.eager
+                    )
                     listening = main
                 else:
                     listening = self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory)

@@ -6,13 +6,21 @@ start and :meth:`Gateway.close` (which drains) on stop. ``twist`` begins logging
 building the service, so :class:`Options` hands twist the observer for our
 ``logger.format`` and ``logger.level`` unless ``--log-format`` / ``--log-level`` were
 given to ``twist`` itself.
+
+An invalid configuration is printed as one line per problem, ``FILE: key: problem``, and
+the process exits with status 78 (sysexits' ``EX_CONFIG``), without the usage text. What
+needs imports (handler modules, plugins) is checked in a fresh process
+(``python -m bungate.worker --check``), never in the master.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import attrs
 from twisted.application.service import Service
@@ -23,10 +31,13 @@ from bungate.config import (
     DEFAULT_CONFIG,
     ConfigError,
     GatewayConfig,
+    error_lines,
     load_config,
     parse_config,
+    warnings,
     with_overrides,
 )
+from bungate.config.convert import to_json
 
 __all__ = ["GatewayService", "Options", "makeService"]
 
@@ -49,6 +60,67 @@ def _positive(value: str) -> int:
 
 
 _positive.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+
+#: The exit status of an invalid configuration (sysexits' EX_CONFIG).
+EX_CONFIG = 78
+
+#: The config key each command-line override pins.
+_PINNED = {"port": "server.port", "workers": "cluster.workers", "python": "cluster.python"}
+
+
+def _refuse(error: ConfigError) -> NoReturn:
+    """Print every problem, one line each, and exit with :data:`EX_CONFIG`."""
+    for line in error_lines(error):
+        sys.stderr.write(f"bungate: {line}\n")
+    sys.stderr.flush()
+    raise SystemExit(EX_CONFIG)
+
+
+def check_in_fresh_process(config: GatewayConfig, timeout: float = 60.0) -> list[str]:
+    """
+    What a worker's boot would say of ``config`` (handler imports, plugins, certificate
+    files), asked of a fresh ``python -m bungate.worker --check``.
+
+    :returns: the problems, one line each; empty when the config passed.
+    """
+    python = config.cluster.python or sys.executable
+    request = json.dumps({"config": to_json(config), "names": {}})
+    try:
+        done = subprocess.run(
+            [python, "-m", "bungate.worker", "--check"],
+            input=request,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return [f"{config.source}: the check did not finish within {timeout:g}s (a handler "
+                "module may hang at import)"]
+    except OSError as e:
+        return [f"{config.source}: cluster.python: cannot run {python}: {e.strerror or e}"]
+    answers = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    try:
+        answer = json.loads(answers[-1]) if answers else {}
+    except ValueError:
+        answer = {}
+    if done.returncode == 0 and answer.get("ok"):
+        return []
+    if answer.get("errors"):
+        return [str(e) for e in answer["errors"]]
+    tail = (done.stderr.strip().splitlines() or [""])[-1]
+    return [f"{config.source}: the check exited with status {done.returncode} (a handler "
+            f"module may exit at import){': ' + tail if tail else ''}"]
+
+
+def versions() -> str:
+    """bungate's version, Twisted's, and the Python running them."""
+    from bungate import __version__
+    from twisted import __version__ as twisted_version
+
+    return (
+        f"bungate {__version__} (Twisted {twisted_version}, "
+        f"{platform.python_implementation()} {platform.python_version()})"
+    )
 
 
 def _port(value: str) -> int:
@@ -86,6 +158,7 @@ class Options(usage.Options):
     optFlags = [
         ["single", None, "Serve in this one process (cluster.enabled: false)."],
         ["check", None, "Validate the configuration, print the result and exit."],
+        ["version", None, "Print bungate's version (and Twisted's, Python's) and exit."],
     ]
 
     def load(self) -> GatewayConfig:
@@ -103,34 +176,59 @@ class Options(usage.Options):
             name: self[name] for name in ("port", "workers", "python") if self[name] is not None
         }
 
+    def pinned(self) -> dict[str, str]:
+        """``{config key: option}`` for each override given, for the reload log line."""
+        return {_PINNED[name]: f"--{name} {value}" for name, value in self.overrides().items()}
+
     def postOptions(self) -> None:
         """
         Load and validate the configuration, then hand ``twist`` our log observer.
 
-        With ``--check``, print that the configuration is valid and exit instead.
-
-        :raises usage.UsageError: the configuration is invalid.
+        With ``--check``, check the configuration as a worker's boot would (in a fresh
+        process), print ``FILE: OK`` or its problems and exit. An invalid configuration
+        exits with :data:`EX_CONFIG` (78).
         """
+        if self["version"]:
+            sys.stdout.write(versions() + "\n")
+            raise SystemExit(0)
         try:
-            self["gateway_config"] = self.load()
+            config = self.load()
+        except ConfigError as e:
+            _refuse(e)
+        for line in warnings(config):
+            sys.stderr.write(f"bungate: warning: {line}\n")
+        if self["check"]:
+            problems = check_in_fresh_process(config)
+            for line in problems:
+                sys.stderr.write(f"bungate: {line}\n")
+            if problems:
+                raise SystemExit(EX_CONFIG)
+            sys.stdout.write(f"{config.source}: OK\n")
+            raise SystemExit(0)
+        if not config.cluster.enabled:
+            # One process imports its handlers anyway: check them here, for a clear error.
             from bungate.http.app import check_config
 
-            check_config(self["gateway_config"])
-        except ConfigError as e:
-            raise usage.UsageError(f"invalid configuration: {e}") from None
-        if self["check"]:
-            sys.stdout.write(f"configuration OK: {self['gateway_config'].source}\n")
-            raise SystemExit(0)
-        self._configure_twist_logging(self["gateway_config"])
+            try:
+                check_config(config)
+            except ConfigError as e:
+                _refuse(e)
+        self["gateway_config"] = config
+        self._configure_twist_logging(config)
 
     def _configure_twist_logging(self, config: GatewayConfig) -> None:
         parent: Optional[Any] = getattr(self, "parent", None)
         if parent is None or not hasattr(parent, "__setitem__"):
             return
         argv = " ".join(sys.argv)
-        from bungate.ops.logging import make_observer
+        from bungate.ops.logging import ReopenableFile, make_observer
 
-        self["log_output"] = parent.get("logFile")
+        stream = parent.get("logFile")
+        name = getattr(stream, "name", None)
+        if isinstance(name, str) and not name.startswith("<") and os.path.exists(name):
+            # twist's --logfile: the same file, reopened by path on SIGUSR1 (logrotate).
+            stream = parent["logFile"] = ReopenableFile(name)
+        self["log_output"] = stream
 
         logger_config = config.logger
         if "--log-level" in argv:
@@ -154,6 +252,7 @@ class GatewayService(Service):
     :param config: the validated config.
     :param overrides: the command-line overrides, applied again to every reloaded config.
     :param log_output: where the workers' log lines go (``twist``'s log file).
+    :param pinned: ``{config key: option}`` of the overrides, for the reload log line.
     """
 
     def __init__(
@@ -161,10 +260,12 @@ class GatewayService(Service):
         config: GatewayConfig,
         overrides: Optional[dict[str, Any]] = None,
         log_output: Any = None,
+        pinned: Optional[dict[str, str]] = None,
     ) -> None:
         self.config = config
         self.overrides = dict(overrides or {})
         self.log_output = log_output
+        self.pinned = dict(pinned or {})
         self.gateway: Any = None
 
     def startService(self) -> None:
@@ -187,25 +288,49 @@ class GatewayService(Service):
             def loader() -> GatewayConfig:
                 return with_overrides(load_config(path), **overrides)
 
-        self.gateway = Gateway(
+        self.gateway = gateway = Gateway(
             self.config,
             config_loader=loader,
             manage_logging=False,
             worker_script="",
             log_output=self.log_output,
+            pinned=self.pinned,
         )
-        d = self.gateway.listen()
+        for line in warnings(self.config):
+            log.warn("{warning}", warning=line)
+        d = gateway.listen()
+
+        def exit_status() -> None:
+            # A graceful stop leaves 0; a stop that had to kill a worker, or a fleet
+            # whose every slot failed, leaves its status (see bungate.master.service).
+            code = gateway.exit_code
+            if code:
+                os._exit(code)
+
+        reactor.addSystemEventTrigger("after", "shutdown", exit_status)  # type: ignore[arg-type]
 
         def failed(reason: Any) -> None:
-            log.critical("bungate cannot start: {error}", error=reason.getErrorMessage())
-            sys.stderr.write(f"bungate: cannot start: {reason.getErrorMessage()}\n")
+            if reason.check(ConfigError):
+                status = EX_CONFIG
+                lines = error_lines(reason.value)
+            else:
+                status = 1
+                lines = [f"cannot start: {reason.getErrorMessage()}"]
+            # Before the reactor runs twist has not begun logging yet, and Twisted writes
+            # critical events to stderr as they happen (then replays them into the log):
+            # once is enough. Later, the log may be a file: say it on stderr too.
+            echo = reactor.running and self.log_output not in (None, sys.stderr)
+            for line in lines:
+                log.critical("{line}", line=line)
+                if echo:
+                    sys.stderr.write(f"bungate: {line}\n")
             # twist starts the service before the reactor runs: stopping must wait for it.
             # After shutdown, exit non-zero so a supervisor sees the failure.
             # The ignores: Twisted types the global reactor as an instance of its zope
             # interfaces, whose methods are declared without ``self``. Without the
             # mypy-zope plugin mypy takes their first parameter for ``self``, so
             # addSystemEventTrigger seems to lack ``phase`` and stop() to want an argument.
-            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[arg-type]
+            reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)  # type: ignore[arg-type]
             if reactor.running:
                 reactor.stop()  # type: ignore[misc]
             else:
@@ -223,4 +348,6 @@ class GatewayService(Service):
 
 def makeService(options: Options) -> GatewayService:
     """Build the service ``twist`` runs."""
-    return GatewayService(options["gateway_config"], options.overrides(), options.get("log_output"))
+    return GatewayService(
+        options["gateway_config"], options.overrides(), options.get("log_output"), options.pinned()
+    )

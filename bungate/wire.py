@@ -12,9 +12,10 @@ A worker is started with:
   validated config as JSON, the private certificate copies and the accept-table slot.
 
 The control channel carries newline-delimited JSON objects, ``{"t": KIND, ...}``: the
-worker sends ``ready`` once it listens, ``heartbeat`` every ``heartbeat_interval`` and
-``draining`` when it starts to drain; the master sends ``fleet`` summaries (for
-``/health``). Both ends use :class:`ControlChannel`.
+worker sends ``ready`` once it listens, ``heartbeat`` every ``heartbeat_interval``,
+``draining`` when it starts to drain, and ``config-request`` when it got SIGHUP; the master
+sends ``fleet`` summaries (for ``/health``) and ``config`` (the accepted config, the answer
+to ``config-request``). Both ends use :class:`ControlChannel`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import attrs
+from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 __all__ = [
+    "CONFIG",
+    "CONFIG_REQUEST",
     "CONTROL_FD",
     "DRAINING",
     "FLEET",
@@ -39,6 +43,8 @@ __all__ = [
     "in_worker",
     "worker_id",
 ]
+
+_log = Logger(namespace="bungate.wire")
 
 LISTEN_FD = 3
 """The main listening socket in a worker."""
@@ -61,6 +67,9 @@ READY = "ready"
 HEARTBEAT = "heartbeat"
 DRAINING = "draining"
 FLEET = "fleet"
+#: a worker asks for the accepted config (it got SIGHUP); the master answers CONFIG.
+CONFIG_REQUEST = "config-request"
+CONFIG = "config"
 
 
 def in_worker(environ: Optional[Mapping[str, str]] = None) -> bool:
@@ -200,13 +209,15 @@ class ControlChannel(LineOnlyReceiver):
             self.sendLine(json.dumps(fields, separators=(",", ":")).encode())
 
     def lineReceived(self, line: bytes) -> None:
-        """Pass on a JSON object; anything else is skipped (never trusted)."""
+        """Pass on a JSON object; anything else is logged and skipped (never trusted)."""
         try:
             message = json.loads(line)
         except ValueError:
-            return
+            message = None
         if isinstance(message, dict) and isinstance(message.get("t"), str):
             self.on_message(message)
+        else:
+            _log.warn("Ignoring a malformed control message: {line!r}", line=line[:200])
 
     def close(self) -> None:
         """Close this end."""

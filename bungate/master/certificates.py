@@ -1,101 +1,119 @@
 """
 The master's private copies of the certificate, key and CA files its workers load.
 
-When the master accepts a config it reads every such file once and copies it into a new
-subdirectory (one per accepted config, a *generation*) of this run's private directory
-(mode 0700, files 0600); it checks the copies, and workers load exactly those bytes. A
-file overwritten on disk later therefore reaches no worker, a respawned one included,
-until a reload accepts it. A generation is deleted once no worker may still read it.
+When the master takes a config it reads every such file once and copies it into a new
+subdirectory (one per config, a *generation*) of this run's private directory (mode
+0700, files 0600); the copies are checked, and workers load exactly those bytes. A file
+overwritten on disk later therefore reaches no worker, a respawned one included, until a
+reload takes it. A generation is deleted once no worker may still read it and it is
+neither the accepted one nor the one a reload is trying.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
-from typing import Callable, Optional
+from collections.abc import Collection, Mapping
+from typing import Any, Callable, Optional, Union
 
+import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from bungate.config import GatewayConfig
 from bungate.ops.rundir import make_run_dir, sweep_stale_run_dirs
 from bungate.ops.tlsfiles import certificate_files, copy_certificate_files
 
-__all__ = ["CertificateCopies", "Validate"]
+__all__ = ["CertificateCopies", "Prepared", "Validate"]
 
-#: ``validate(config, names)``: raises ``ConfigError``; ``names`` maps copies to originals.
-Validate = Callable[[GatewayConfig, Mapping[str, str]], None]
+#: ``validate(config, names)``: raises ``ConfigError`` or returns a Deferred that fails
+#: with one; ``names`` maps the copies the config points at to the operator's files.
+Validate = Callable[[GatewayConfig, Mapping[str, str]], Union["defer.Deferred[Any]", None]]
 
 log = Logger(namespace="bungate.master")
+
+
+@attrs.frozen
+class Prepared:
+    """
+    A config with its files copied, not yet accepted.
+
+    :ivar generation: its number.
+    :ivar config: the config pointing at the copies (what workers are started with).
+    :ivar names: ``{copy: original}``.
+    """
+
+    generation: int
+    config: GatewayConfig
+    names: Mapping[str, str] = attrs.field(factory=dict)
 
 
 class CertificateCopies:
     """The generations of copies, and which booting worker may still read which."""
 
     def __init__(self) -> None:
-        self.generation = 0  # how many configs were accepted
+        self.generation = 0  # the accepted generation
+        self._last = 0  # the last generation made
         self._dir: Optional[str] = None  # the private directory of this run
-        # generation -> (its subdirectory, {copy: original})
-        self._copies: dict[int, tuple[str, dict[str, str]]] = {}
+        self._copies: dict[int, str] = {}  # generation -> its subdirectory
         self._booting: dict[int, int] = {}  # slot id -> generation its process started with
+        self._trying: set[int] = set()  # prepared, neither accepted nor discarded yet
 
-    @property
-    def names(self) -> Mapping[str, str]:
-        """``{copy: original}`` of the current generation."""
-        copies = self._copies.get(self.generation)
-        return copies[1] if copies is not None else {}
-
-    def accept(self, config: GatewayConfig, validate: Validate) -> GatewayConfig:
+    def prepare(self, config: GatewayConfig) -> Prepared:
         """
-        Copy the files ``config`` names, check the copies, and make them current.
+        Copy the files ``config`` names into a new generation.
 
-        :returns: ``config`` pointing at the copies (what workers are started with).
-        :raises ConfigError: when a file cannot be copied or ``validate`` refuses; the
-            current generation and its copies stay as they were.
+        :raises ConfigError: when a file cannot be read or copied (nothing is left behind).
         """
-        generation = self.generation + 1
-        worker_config = config
-        copies: Optional[tuple[str, dict[str, str]]] = None
-        if certificate_files(config):
-            directory = self._new_dir(generation)
-            try:
-                worker_config, originals = copy_certificate_files(config, directory)
-                copies = (directory, originals)
-                validate(worker_config, originals)
-            except BaseException:
-                self._drop(directory)
-                raise
-            self._copies[generation] = copies
-            log.info(
-                "Workers will load {count} certificate/key/CA file(s) from copies in {directory}",
-                count=len(originals),
-                directory=directory,
-            )
-        else:
-            validate(config, {})
-        self.generation = generation
+        self._last += 1
+        generation = self._last
+        if not certificate_files(config):
+            self._trying.add(generation)
+            return Prepared(generation, config)
+        directory = self._new_dir(generation)
+        try:
+            copied, originals = copy_certificate_files(config, directory)
+        except BaseException:
+            self._drop(directory)
+            raise
+        self._copies[generation] = directory
+        self._trying.add(generation)
+        log.info(
+            "Workers will load {count} certificate/key/CA file(s) from copies in {directory}",
+            count=len(originals),
+            directory=directory,
+        )
+        return Prepared(generation, copied, originals)
+
+    def accept(self, prepared: Prepared) -> None:
+        """``prepared`` is the config from now on; older generations go once unused."""
+        self._trying.discard(prepared.generation)
+        self.generation = prepared.generation
         self.prune()
-        return worker_config
 
-    def booting(self, slot_id: int) -> None:
-        """A process of ``slot_id`` starts with the current generation's files."""
-        self._booting[slot_id] = self.generation
+    def discard(self, prepared: Prepared) -> None:
+        """``prepared`` was refused: delete its copies (once no booting worker reads them)."""
+        self._trying.discard(prepared.generation)
+        self.prune()
+
+    def booting(self, slot_id: int, generation: int) -> None:
+        """A process of ``slot_id`` starts with ``generation``'s files."""
+        self._booting[slot_id] = generation
 
     def booted(self, slot_id: int) -> None:
         """The process of ``slot_id`` read its files (it is ready), or is gone."""
         self._booting.pop(slot_id, None)
         self.prune()
 
-    def prune(self) -> None:
-        """Delete the copies of older configs once no booting worker may still read them."""
-        needed = {self.generation, *self._booting.values()}
+    def prune(self, keep: Collection[int] = ()) -> None:
+        """Delete the copies of generations no one needs any more."""
+        needed = {self.generation, *self._trying, *self._booting.values(), *keep}
         for generation in [g for g in self._copies if g not in needed]:
-            directory, _ = self._copies.pop(generation)
-            self._drop(directory)
+            self._drop(self._copies.pop(generation))
 
     def remove_all(self) -> None:
         """Delete every copy and the run's directory (the master stops)."""
-        for directory, _ in self._copies.values():
+        for directory in self._copies.values():
             shutil.rmtree(directory, ignore_errors=True)
         self._copies.clear()
         if self._dir is not None:

@@ -61,7 +61,16 @@ EVENTS: dict[str, EventSpec] = {
     "roll-aborted": EventSpec(
         "error", "Rolling restart aborted: {reason}; old workers keep serving"
     ),
-    "reload-ok": EventSpec("info", "Configuration reloaded from {source}"),
+    "reload-ok": EventSpec(
+        "info",
+        "Configuration reloaded from {source}: changed {changed}; listeners {moved}; "
+        "kept from the command line: {pinned}",
+    ),
+    "reload-aborted": EventSpec(
+        "error",
+        "Configuration reload from {source} aborted: its first worker did not boot; the old "
+        "workers keep serving, and respawns keep the config accepted at {since}",
+    ),
     "reload-refused": EventSpec(
         "error", "Configuration reload refused, still serving the old one: {error}"
     ),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -28,17 +29,18 @@ from twisted.logger import Logger
 
 from bungate._once import Once
 from bungate.config import ClusterConfig, ConfigError, GatewayConfig, parse_config
-from bungate.config.convert import to_json
 from bungate.master.certificates import CertificateCopies, Validate
 from bungate.master.events import FleetEvents
 from bungate.master.exits import signal_number
 from bungate.master.listeners import Listeners
+from bungate.master.reload import ConfigFlow
+from bungate.master.roll import Rolling
 from bungate.master.slot import SlotState, WorkerSlot
 from bungate.master.spawn import Spawner, WorkerOutput
 from bungate.ops.tlsfiles import check_tls, check_upstream_tls
 from bungate.wire import FLEET
 
-__all__ = ["ClusterError", "ClusterManager"]
+__all__ = ["EXIT_FLEET_FAILED", "ClusterError", "ClusterManager"]
 
 _log = Logger(namespace="bungate.master")
 
@@ -65,7 +67,12 @@ def check_certificate_files(config: GatewayConfig, names: Mapping[str, str]) -> 
     check_upstream_tls(config.routes, config.source, names)
 
 
-class ClusterManager:
+#: The exit status of a master whose every worker slot failed (gunicorn's "worker failed
+#: to boot" status too), so a supervisor restarts it.
+EXIT_FLEET_FAILED = 3
+
+
+class ClusterManager(Rolling, ConfigFlow):
     """
     Runs the fleet of workers.
 
@@ -86,11 +93,14 @@ class ClusterManager:
     :param on_line: where worker output lines go: ``on_line(worker_id, fd, line)``;
         the default writes them to this process's stdout.
     :param extra_env: variables every worker gets.
-    :param validate: ``validate(config, names)`` checks a config before it is accepted
-        (raises :class:`ConfigError`); the default checks its certificate and CA files.
+    :param validate: ``validate(config, names)`` checks a config before it is taken
+        (raises :class:`ConfigError`, or returns a Deferred failing with one); the
+        default checks its certificate and CA files.
     :param spawn: ``spawn(slot)`` starts a process for a slot and returns its transport;
         the default is a :class:`~bungate.master.spawn.Spawner` over this fleet's sockets.
     :param output: where the workers' own log lines are written (default: stdout).
+    :param on_fatal: called with an exit status when the fleet cannot serve any more
+        (every slot failed, ``cluster.on_all_failed: exit``).
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class ClusterManager:
         validate: Optional[Validate] = None,
         spawn: Optional[Callable[[WorkerSlot], Any]] = None,
         output: Optional[IO[str]] = None,
+        on_fatal: Optional[Callable[[int], None]] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -120,13 +131,16 @@ class ClusterManager:
         self.metrics = metrics
         self.on_line = on_line or WorkerOutput(self.log, output)
         self.validate: Validate = validate or check_certificate_files
+        self.on_fatal = on_fatal
+        #: ``{config key: how it is pinned}`` for the command-line overrides (for the log).
+        self.pinned: Mapping[str, str] = {}
         self.events = FleetEvents(self.log, metrics)
         self.listeners = Listeners()
         self.certificates = CertificateCopies()
         self.spawner = Spawner(
             reactor,
             self.listeners,
-            python=self._resolve_python(self.config.cluster.python),
+            python=self._resolve_python(self.config),
             worker_script=worker_script,
             script_args=list(script_args or []),
             allowed_env=self.config.cluster.allowed_env,
@@ -137,17 +151,22 @@ class ClusterManager:
         self.spawn = spawn or self.spawner
         self.slots: dict[int, WorkerSlot] = {}
         self.desired = self.config.cluster.workers
+        self._slot_config = self.config.cluster  # what new slots are made with
         self._next_id = 1
         self._lock = defer.DeferredLock()
         self._monitor: Optional[task.LoopingCall] = None
         self._stopping: Optional[Once[None]] = None
         self._roll_again = False
         self._rolling = False
+        self._reload_again = False
+        self._reloading = False
         self._accepted = False
-        self.started = False
+        self._accepted_at = 0.0
+        #: workers that had to be killed because they did not stop in time.
+        self.killed_on_stop = 0
         events = self.events
         events.listen("worker-state", lambda **_: self._share_fleet())
-        events.listen("worker-failed", lambda **_: self._share_fleet())
+        events.listen("worker-failed", self._failed)
         events.listen("worker-exit", self._exited)
         events.listen("worker-ready", lambda worker_id, **_: self.certificates.booted(worker_id))
 
@@ -183,22 +202,68 @@ class ClusterManager:
         # A worker reads its files before it reports READY: once gone, it needs them no more.
         self.certificates.booted(worker_id)
 
+    def _failed(self, worker_id: int, **_: Any) -> None:
+        self._share_fleet()
+        if self._stopping is not None or not self.started:
+            return
+        slots = list(self.slots.values())
+        if not slots or any(s.status is not SlotState.FAILED for s in slots):
+            return
+        if self._slot_config.on_all_failed == "retry":
+            delay = self._slot_config.max_restart_delay
+            self.log.critical(
+                "Every worker slot has failed; trying them again in {delay:g}s "
+                "(cluster.on_all_failed: retry)",
+                delay=delay,
+            )
+            self.reactor.callLater(delay, self._revive)
+            return
+        self.log.critical(
+            "Every worker slot has failed: closing the listeners and exiting with status "
+            "{code}, for the supervisor to restart the gateway (cluster.on_all_failed: exit)",
+            code=EXIT_FLEET_FAILED,
+        )
+        self.listeners.close()
+        if self.on_fatal is not None:
+            self.on_fatal(EXIT_FLEET_FAILED)
+
+    def _revive(self) -> None:
+        if self._stopping is not None:
+            return
+        for wid, slot in list(self.slots.items()):
+            if slot.status is SlotState.FAILED:
+                fresh = WorkerSlot(wid, self._slot_config, self.reactor, self.spawn, self._emit)
+                self.slots[wid] = fresh
+                fresh.start()
+
     # --- start ------------------------------------------------------------------------
+
+    started = False
 
     def start(self) -> defer.Deferred[None]:
         """
-        Bind the listeners and start the fleet.
+        Accept the config (if :meth:`accept_config` was not called), bind the listeners
+        and start the fleet.
 
         Fires once every initial worker is running or has failed; fails with
-        :class:`ClusterError` if none became ready, or if the config was not accepted
-        yet (see :meth:`accept_config`) and is refused now.
+        :class:`ConfigError` if the config is refused, with :class:`ClusterError` if a
+        port cannot be bound or no worker became ready.
         """
-        try:
-            if not self._accepted:
-                self.accept_config(self.config)
-            self.listeners.bind(self.config)
-        except (OSError, ConfigError) as e:
-            return defer.fail(ClusterError(str(e)))
+        if self._accepted:
+            accepted: defer.Deferred[None] = defer.succeed(None)
+        else:
+            accepted = self.accept_config(self.config)
+
+        def bind_and_spawn(_: None) -> defer.Deferred[None]:
+            try:
+                self.listeners.bind(self.config)
+            except OSError as e:
+                raise ClusterError(str(e)) from None
+            return self._spawn_fleet()
+
+        return accepted.addCallback(bind_and_spawn)
+
+    def _spawn_fleet(self) -> defer.Deferred[None]:
         address = self.listeners.address
         assert address is not None
         self.log.info(
@@ -228,18 +293,17 @@ class ClusterManager:
 
         return defer.gatherResults([s.when_ready() for s in slots]).addCallback(check)
 
-    def _resolve_python(self, python: Optional[str]) -> str:
+    def _resolve_python(self, config: GatewayConfig) -> str:
+        python = config.cluster.python
         if not python:
             return sys.executable
         found = shutil.which(python)
         if found is None:
-            raise ConfigError(
-                self.config.source, "cluster.python", f"{python!r} was not found on PATH"
-            )
+            raise ConfigError(config.source, "cluster.python", f"{python!r} was not found on PATH")
         return found
 
     def _new_slot(self) -> WorkerSlot:
-        slot = WorkerSlot(self._next_id, self.config.cluster, self.reactor, self.spawn, self._emit)
+        slot = WorkerSlot(self._next_id, self._slot_config, self.reactor, self.spawn, self._emit)
         self._next_id += 1
         self.slots[slot.id] = slot
         return slot
@@ -265,13 +329,15 @@ class ClusterManager:
         counts: dict[str, int] = {}
         for slot in self.slots.values():
             state = slot.status.value
-            counts[state] = counts.get(state, 0) + 1
+            if state != SlotState.STOPPED.value:  # a stopped slot is gone from the fleet
+                counts[state] = counts.get(state, 0) + 1
         if self.metrics is not None:
-            self.metrics.set_workers(counts)
+            self.metrics.set_workers(counts, live=self.worker_count())
         running = counts.get(SlotState.RUNNING.value, 0)
+        failed = counts.get(SlotState.FAILED.value, 0)
         for slot in self.slots.values():
             if slot.control is not None and slot.serving:
-                slot.control.send(FLEET, running=running, desired=self.desired)
+                slot.control.send(FLEET, running=running, desired=self.desired, failed=failed)
 
     # --- the spec's API ---------------------------------------------------------------
 
@@ -317,201 +383,64 @@ class ClusterManager:
         slot = self.slots.get(worker_id)
         return bool(slot is not None and slot.signal(signal_number(sig)))
 
-    def scale_up(self, n: int = 1) -> defer.Deferred[list[int]]:
-        """Add ``n`` workers; fires with the ids that became ready."""
-        return self._lock.run(self._scale_up, n)
-
-    def scale_down(self, n: int = 1) -> defer.Deferred[list[int]]:
-        """Drain and stop ``n`` workers (newest first); fires with their ids once gone."""
-        return self._lock.run(self._scale_down, n)
-
-    def scale_to(self, n: int) -> defer.Deferred[list[int]]:
-        """Grow or shrink the fleet to ``n`` workers."""
-        if n < 0:
-            raise ValueError("a fleet cannot have fewer than 0 workers")
-
-        def go() -> defer.Deferred[list[int]]:
-            current = self.worker_count()
-            if n > current:
-                return self._scale_up(n - current)
-            return self._scale_down(current - n)
-
-        return self._lock.run(go)
-
-    @defer.inlineCallbacks
-    def _scale_up(self, n: int) -> Any:
-        if n <= 0 or self._stopping is not None:
-            return []
-        old = self.worker_count()
-        self.desired = old + n
-        slots = [self._new_slot() for _ in range(n)]
-        for slot in slots:
-            slot.start()
-        self._emit("scaled", old=old, new=old + n)
-        results = yield defer.gatherResults([s.when_ready() for s in slots])
-        return [s.id for s, ok in zip(slots, results) if ok]
-
-    @defer.inlineCallbacks
-    def _scale_down(self, n: int) -> Any:
-        live = sorted(
-            (s for s in self.slots.values() if s.live),
-            key=lambda s: (s.serving, -s.id),
-        )
-        victims = live[: max(0, n)]
-        if not victims:
-            return []
-        old = self.worker_count()
-        self.desired = max(0, old - len(victims))
-        self._emit("scaled", old=old, new=old - len(victims))
-        for slot in victims:
-            slot.stop()
-        yield defer.gatherResults([s.when_ended() for s in victims])
-        self._prune()
-        return [s.id for s in victims]
-
-    def rolling_restart(self) -> defer.Deferred[bool]:
-        """
-        Replace every worker, one at a time: start a replacement, wait until it is
-        ready, then drain and stop an old worker. If a replacement does not become
-        ready, the roll stops and the remaining old workers keep serving.
-
-        Fires ``True`` when the roll completed, ``False`` when it was aborted. A roll
-        requested while one runs is queued (one more roll runs afterwards).
-        """
-        if self._rolling:
-            self._roll_again = True
-            self.log.info("Rolling restart already in progress: another one will follow")
-            return defer.succeed(True)
-        return self._lock.run(self._roll)
-
-    @defer.inlineCallbacks
-    def _roll(self) -> Any:
-        self._rolling = True
-        try:
-            while True:
-                self._roll_again = False
-                ok = yield self._roll_once()
-                if not ok or not self._roll_again or self._stopping is not None:
-                    return ok
-        finally:
-            self._rolling = False
-
-    @defer.inlineCallbacks
-    def _roll_once(self) -> Any:
-        old = sorted((s for s in self.slots.values() if s.live), key=lambda s: s.id)
-        self._emit("roll-start", count=len(old))
-        for slot in old:
-            if self._stopping is not None:
-                return False
-            if not slot.live:
-                continue
-            fresh = self._new_slot()
-            fresh.start()
-            ready = yield fresh.when_ready()
-            if not ready:
-                reason = f"replacement worker {fresh.id} did not become ready ({fresh.status})"
-                yield self._stop_slots([fresh])
-                self._emit("roll-aborted", reason=reason)
-                return False
-            self._emit("roll-step", new_id=fresh.id, old_id=slot.id)
-            yield self._stop_slots([slot])
-        self._emit("roll-done", count=len(old))
-        return True
-
-    def _stop_slots(self, slots: list[WorkerSlot]) -> defer.Deferred[Any]:
-        for slot in slots:
-            slot.stop()
-        d = defer.gatherResults([s.when_ended() for s in slots])
-
-        def pruned(result: Any) -> Any:
-            self._prune()
-            return result
-
-        return d.addCallback(pruned)
-
-    def reload(self) -> defer.Deferred[bool]:
-        """
-        Re-read the config (SIGHUP). A valid one becomes the workers' config through a
-        rolling restart; an invalid one is logged and the fleet keeps the old one.
-        """
-        if self.config_loader is None:
-            self.log.info("Reload requested: no config file, rolling the workers")
-            return self.rolling_restart()
-        try:
-            config = self.config_loader()
-            self._check_reloadable(config)
-            self.accept_config(config)
-        except Exception as e:
-            self._emit("reload-refused", error=str(e))
-            return defer.succeed(False)
-        self._emit("reload-ok", source=config.source)
-        d = self.rolling_restart()
-
-        def resize(ok: bool) -> Any:
-            if config.cluster.workers != self.worker_count():
-                return self.scale_to(config.cluster.workers).addCallback(lambda _: ok)
-            return ok
-
-        return d.addCallback(resize)
-
-    def _check_reloadable(self, config: GatewayConfig) -> None:
-        old = self.config.server
-        new = config.server
-        if (old.host, old.port) != (new.host, new.port):
-            raise ConfigError(
-                config.source,
-                "server.port",
-                "the listening address cannot change on reload (restart the master)",
-            )
-
-    # --- the accepted config ----------------------------------------------------------
-
-    def accept_config(self, config: GatewayConfig) -> None:
-        """
-        Check ``config`` and make it the one every worker started from now on gets.
-
-        The certificate, key and CA files it names are copied into a private directory
-        (:class:`~bungate.master.certificates.CertificateCopies`) and :attr:`validate`
-        checks the config that points at the copies, i.e. the very bytes workers will
-        load. A file overwritten later on disk therefore reaches no worker (a respawned
-        one included) until a reload accepts it.
-
-        :raises ConfigError: when the config is refused (naming the operator's files);
-            the current config and its copies stay as they were.
-        """
-        worker_config = self.certificates.accept(config, self.validate)
-        # The built-in worker serves the config it is sent; a worker that runs the
-        # user's script builds its own (and may hold Python callables JSON cannot carry).
-        config_json = to_json(worker_config) if self.spawner.worker_script is None else None
-        self.config = config
-        self.spawner.config_json = config_json
-        self.spawner.names = self.certificates.names
-        self._accepted = True
-
     # --- stop -------------------------------------------------------------------------
 
     def stop(self) -> defer.Deferred[None]:
         """
-        Drain and stop every worker (SIGKILL after ``shutdown_timeout``), then close
-        the listeners. Safe to call more than once.
+        Stop accepting at once (the listening sockets close: new clients are refused
+        and fail over), drain every worker (SIGKILL after ``shutdown_timeout``), then
+        fire. Safe to call more than once; :attr:`killed_on_stop` then says how many
+        workers had to be killed.
         """
         if self._stopping is not None:
             return self._stopping.wait()
         stopping = self._stopping = Once()
         if self._monitor is not None and self._monitor.running:
             self._monitor.stop()
+        self.listeners.close()
         slots = list(self.slots.values())
         self.log.info("Stopping {count} worker(s)", count=sum(1 for s in slots if s.alive))
         for slot in slots:
             slot.stop()
 
         def closed(_: Any) -> None:
-            self.listeners.close()
+            self.killed_on_stop = sum(1 for s in slots if s.kill_reason == "stop-timeout")
             self._prune()
             self.certificates.remove_all()
             self.spawner.accept.close()
-            self.log.info("All workers stopped")
+            if self.killed_on_stop:
+                self.log.warn(
+                    "All workers stopped; {count} of them had to be killed after "
+                    "shutdown_timeout ({timeout:g}s)",
+                    count=self.killed_on_stop,
+                    timeout=self.config.cluster.shutdown_timeout,
+                )
+            else:
+                self.log.info("All workers stopped")
             stopping.fire(None)
 
         defer.gatherResults([s.when_ended() for s in slots]).addCallback(closed)
         return stopping.wait()
+
+    def stop_now(self) -> None:
+        """
+        Stop at once (SIGQUIT, or a second SIGTERM): every worker is told to exit without
+        draining (SIGQUIT), and killed if still there two seconds later.
+        """
+        d = self.stop()
+        slots = [s for s in self.slots.values() if s.alive]
+        self.log.warn("Stopping at once: {count} worker(s) exit without draining", count=len(slots))
+        for slot in slots:
+            slot.signal(signal.SIGQUIT)
+        def kill_left() -> None:
+            for slot in slots:
+                slot.kill("stop-timeout")
+
+        kill = self.reactor.callLater(2.0, kill_left)
+
+        def done(result: Any) -> Any:
+            if kill.active():
+                kill.cancel()
+            return result
+
+        d.addBoth(done)

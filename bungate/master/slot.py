@@ -144,6 +144,11 @@ class WorkerSlot:
         return self.policy.restarts
 
     @property
+    def kill_reason(self) -> Optional[str]:
+        """Why the current process was sent SIGKILL (``hung``, ``stop-timeout``, ...), if it was."""
+        return self._kill_reason
+
+    @property
     def status(self) -> SlotState:
         """The state the slot's machine is in."""
         state: SlotState = self._query()

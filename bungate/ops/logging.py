@@ -48,6 +48,7 @@ from bungate.config import LoggerConfig
 __all__ = [
     "ACCESS_NAMESPACE",
     "REQUEST_ID_HEADER",
+    "ReopenableFile",
     "access_logger",
     "begin_logging",
     "log_access",
@@ -298,6 +299,41 @@ def write_line(line: str, stream: Optional[IO[str]] = None) -> None:
         pass
 
 
+class ReopenableFile:
+    """
+    A log file that can be reopened by path (SIGUSR1, after logrotate moved it), as a
+    text stream: ``write`` and ``flush``.
+
+    :param path: the file, opened for appending (created if missing).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = path
+        self._file: IO[str] = open(path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        """Write ``text`` to the current file."""
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        """Flush the current file."""
+        self._file.flush()
+
+    def reopen(self) -> str:
+        """Close the file and open ``path`` again (a new file if it was moved away)."""
+        old, self._file = self._file, open(self.path, "a", encoding="utf-8")
+        try:
+            old.close()
+        except OSError:
+            pass
+        return self.path
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
 def access_logger() -> Logger:
     """
     The logger of access events (namespace :data:`ACCESS_NAMESPACE`).
@@ -323,6 +359,8 @@ def log_access(
     upstream: Optional[str],
     request_id: Union[str, bytes],
     worker_id: Optional[str],
+    client: Optional[str] = None,
+    reason: Optional[str] = None,
 ) -> None:
     """
     Emit one access event at info level with every field as an event key.
@@ -342,11 +380,18 @@ def log_access(
     :param upstream: the upstream URL the request went to, or ``None``.
     :param request_id: the request id (see :func:`request_id`).
     :param worker_id: the worker that answered, or ``None`` in single-process mode.
+    :param client: the client's address (added to the line as ``client=``).
+    :param reason: why the gateway refused the request itself (``refused=``).
     """
     if log.namespace != ACCESS_NAMESPACE:
         log = Logger(namespace=ACCESS_NAMESPACE, source=log.source, observer=log.observer)
+    text = ACCESS_FORMAT
+    if client:
+        text += " client={client}"
+    if reason:
+        text += " refused={reason}"
     log.info(
-        ACCESS_FORMAT,
+        text,
         method=_text(method),
         path=_text(path),
         status=status,
@@ -357,6 +402,8 @@ def log_access(
         upstream=upstream,
         request_id=_text(request_id),
         worker_id=worker_id,
+        client=client,
+        reason=reason,
     )
 
 

@@ -16,8 +16,8 @@ How the pieces fit:
   gauges of the dead process disappear. Counter and histogram files of dead workers stay
   in the directory, which is why totals never go backwards when a worker dies or a roll
   replaces the fleet.
-- :class:`MetricsResource` renders the merged view of every file, so whichever worker
-  answers a scrape shows the same fleet-wide numbers.
+- :class:`bungate.http.metrics.MetricsResource` renders the merged view of every file,
+  so whichever worker answers a scrape shows the same fleet-wide numbers.
 
 Ordering caveat: prometheus_client picks the class that stores metric values
 (in-memory ``MutexValue`` or file-backed ``MmapedValue``) from the environment when
@@ -33,35 +33,27 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
     values,
 )
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import mark_process_dead
 from twisted.logger import Logger
-from twisted.web import http
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 
 __all__ = [
     "CIRCUIT_STATES",
     "DURATION_BUCKETS",
     "ENV_VAR",
     "UPSTREAM_ERROR_KINDS",
-    "WORKER_STATES",
     "GatewayMetrics",
     "MasterMetrics",
-    "MetricsResource",
-    "metrics_site",
     "multiprocess_dir",
     "prepare_multiprocess_dir",
     "remove_multiprocess_dir",
@@ -96,8 +88,6 @@ UPSTREAM_ERROR_KINDS = frozenset({"refused", "timeout", "reset", "dns", "other"}
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
 """The values of ``bungate_circuit_state`` for each breaker state."""
 
-WORKER_STATES = ("starting", "running", "stopping", "stopped", "respawning", "failed")
-"""States always present in ``bungate_workers_total`` (0 when no worker is in them)."""
 
 # A slot is "idle" for the instant between its creation and its first spawn: report
 # it as starting rather than as a state of its own.
@@ -220,6 +210,7 @@ class GatewayMetrics:
         self._duration_children: dict[str, Any] = {}
         self._error_children: dict[tuple[str, str], Any] = {}
         self._target_children: dict[tuple[str, str], Any] = {}
+        self._rejected_children: dict[tuple[int, str], Any] = {}
         if not enabled:
             return
         path = _sync_value_class()
@@ -243,6 +234,13 @@ class GatewayMetrics:
             "Failed attempts to reach an upstream, by route pattern and kind "
             "(refused, timeout, reset, other).",
             ("route", "kind"),
+            registry=reg,
+        )
+        self._rejected = Counter(
+            "bungate_requests_rejected_total",
+            "Requests the gateway refused itself (a bad target or Host, no route, a "
+            "method not allowed, a limit), by status code and reason.",
+            ("status", "reason"),
             registry=reg,
         )
         self._inflight = Gauge(
@@ -279,6 +277,21 @@ class GatewayMetrics:
             registry=reg,
             multiprocess_mode="livemax",
         )
+
+    def request_rejected(self, status: int, reason: str) -> None:
+        """
+        Count a request the gateway refused itself.
+
+        :param status: the status it was answered with (400, 404, 405, 408, 413, ...).
+        :param reason: the short reason the answer names, e.g. ``encoded_slash``.
+        """
+        if not self.enabled:
+            return
+        key = (status, reason)
+        child = self._rejected_children.get(key)
+        if child is None:
+            child = self._rejected_children[key] = self._rejected.labels(str(status), reason)
+        child.inc()
 
     def request_started(self) -> None:
         """Count one more request in flight; pair it with :meth:`request_finished`."""
@@ -380,17 +393,28 @@ class MasterMetrics:
 
     :param registry: the registry to register with in single-process mode (no
         multiprocess directory); defaults to the global ``REGISTRY``.
+    :param states: the slot states the master names (its machine declares them), each
+        always present in ``bungate_workers`` (0 when no worker is in it).
     """
 
-    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(
+        self, registry: Optional[CollectorRegistry] = None, states: Sequence[str] = ()
+    ) -> None:
         path = _sync_value_class()
         reg: Optional[CollectorRegistry]
         reg = None if path is not None else (registry if registry is not None else REGISTRY)
         self._path = path
         self._workers = Gauge(
-            "bungate_workers_total",
-            "Worker slots of the fleet, by lifecycle state.",
+            "bungate_workers",
+            "Worker slots of the fleet, by lifecycle state (failed: given up on, see "
+            "cluster.max_restarts).",
             ("state",),
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._live = Gauge(
+            "bungate_workers_total",
+            "Workers of the fleet: starting, running or respawning.",
             registry=reg,
             multiprocess_mode="livesum",
         )
@@ -404,18 +428,21 @@ class MasterMetrics:
             "Workers that exited without being asked to (non-zero code or signal).",
             registry=reg,
         )
-        self._states: set[str] = set(WORKER_STATES)
-        for state in WORKER_STATES:
+        self._states: set[str] = set(states)
+        for state in states:
             self._workers.labels(state).set(0)
 
-    def set_workers(self, counts: Mapping[str, int]) -> None:
+    def set_workers(self, counts: Mapping[str, int], live: Optional[int] = None) -> None:
         """
         Publish how many workers are in each state.
 
         :param counts: state name → number of workers; every state seen before (and every
-            state in :data:`WORKER_STATES`) that is missing here is set to 0. ``idle`` (a
+            state given at construction) that is missing here is set to 0. ``idle`` (a
             slot not spawned yet) is counted as ``starting``.
+        :param live: the fleet's size (``bungate_workers_total``).
         """
+        if live is not None:
+            self._live.set(live)
         merged: dict[str, int] = {}
         for state, count in counts.items():
             state = _STATE_ALIASES.get(state, state)
@@ -460,100 +487,3 @@ class MasterMetrics:
             mark_process_dead(pid, self._path)  # type: ignore[no-untyped-call]
         except OSError as e:
             _log.warn("could not clean metrics of worker pid {pid}: {error}", pid=pid, error=e)
-
-
-# --- exposition ---------------------------------------------------------------------------
-
-
-class MetricsResource(Resource):
-    """
-    Renders the Prometheus text exposition of the whole fleet.
-
-    In multiprocess mode every render merges the files of all processes (live and dead) in
-    the directory, so any worker answers with the same numbers. Otherwise it renders the
-    given (or global) registry. The proxy must not count requests to this resource as
-    traffic.
-
-    :param registry: the registry to render in single-process mode; defaults to the
-        global ``REGISTRY``.
-    :param path: the multiprocess directory to read; defaults to the one from the
-        environment at construction time (``None`` for single-process mode).
-    """
-
-    isLeaf = True
-
-    def __init__(
-        self, registry: Optional[CollectorRegistry] = None, path: Optional[str] = None
-    ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        if path is None:
-            path = multiprocess_dir()
-        self._path = path
-        self._registry: CollectorRegistry
-        if path is not None:
-            self._registry = CollectorRegistry(auto_describe=True)
-            MultiProcessCollector(self._registry, path=path)  # type: ignore[no-untyped-call]
-        else:
-            self._registry = registry if registry is not None else REGISTRY
-
-    def render_GET(self, request: Request) -> bytes:
-        """
-        Answer with the current metrics.
-
-        :param request: the scrape request.
-        :return: the exposition body; on a failure to read the metrics, a 500 with a short
-            plain-text reason (and the failure logged).
-        """
-        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
-        try:
-            body = generate_latest(self._registry)
-        except Exception:
-            _log.failure("could not render metrics from {path}", path=self._path)
-            request.setResponseCode(500)
-            request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-            return b"metrics unavailable\n"
-        request.responseHeaders.setRawHeaders(
-            b"content-type", [CONTENT_TYPE_LATEST.encode("ascii")]
-        )
-        return body
-
-
-class _OnlyPath(Resource):
-    """Serves one resource at exactly one path and 404 everywhere else."""
-
-    isLeaf = True
-
-    def __init__(self, path: bytes, resource: Resource) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._path = path
-        self._resource = resource
-
-    def render(self, request: Request) -> bytes:
-        if request.path != self._path:
-            request.setResponseCode(404)
-            request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-            return b"not found\n"
-        result: bytes = self._resource.render(request)  # type: ignore[no-untyped-call]
-        return result
-
-
-class _QuietSite(Site):
-    """A Site that writes no access lines: scrapes are not traffic."""
-
-    noisy = False
-
-    def log(self, request: http.Request) -> None:
-        pass
-
-
-def metrics_site(path: str = "/metrics", resource: Optional[MetricsResource] = None) -> Site:
-    """
-    A Site serving only the metrics, for the optional ``metrics.listen`` address.
-
-    :param path: the URL path that answers (``metrics.path``); every other path is 404.
-    :param resource: the resource to serve; a new :class:`MetricsResource` by default.
-    :return: a Site that logs no access lines; listen on it with ``endpoint.listen``.
-    """
-    if resource is None:
-        resource = MetricsResource()
-    return _QuietSite(_OnlyPath(path.encode("utf-8"), resource))  # type: ignore[no-untyped-call]

@@ -1,21 +1,65 @@
 """
-``python -m bungate.worker``: the built-in worker program a master spawns.
+``python -m bungate.worker``: the built-in worker program a master spawns, and its check.
 
-It serves the validated config the master passes down (see :mod:`bungate.wire`).
+Without arguments it serves the validated config the master passes down (see
+:mod:`bungate.wire`). With ``--check`` it is a throwaway process that does what a
+worker's boot does with a config short of serving it (imports the handlers, looks up the
+plugins, loads the certificates) and says whether that worked, so the master never has
+to import user code itself: a handler module that exits or hangs at import costs the
+check, not the fleet.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from typing import Any
 
 from bungate.config.convert import from_json
 from bungate.wire import WorkerLaunch
 from bungate.worker.service import WorkerService, run_worker_reactor
 
+#: The exit status of a check that refused the config (sysexits' EX_CONFIG).
+EX_CONFIG = 78
+
+
+def check(stream: Any = None) -> int:
+    """
+    Read ``{"config": <config JSON>, "names": {copy: original}}`` from stdin, check it as a
+    worker's boot would, print one JSON line (``{"ok": true}`` or ``{"errors": [...]}``).
+
+    :returns: the exit status: 0, or :data:`EX_CONFIG`.
+    """
+    from bungate.config import ConfigError
+    from bungate.http.app import check_config
+
+    stream = stream or sys.stdin
+    try:
+        request = json.loads(stream.read())
+        config = from_json(request["config"])
+        names = {str(k): str(v) for k, v in request.get("names", {}).items()}
+    except (ValueError, KeyError, TypeError) as e:
+        print(json.dumps({"errors": [f"<master>: the check got no config: {e}"]}))
+        return EX_CONFIG
+    try:
+        check_config(config, names)
+    except ConfigError as e:
+        lines = [str(x) for x in e.errors]
+        print(json.dumps({"errors": lines}))
+        return EX_CONFIG
+    except SystemExit as e:
+        print(json.dumps({"errors": [f"{config.source}: a handler module exited ({e.code})"]}))
+        return EX_CONFIG
+    print(json.dumps({"ok": True}))
+    return 0
+
 
 def main() -> None:
     """Serve, or exit 2 with one line on stderr when not started by a master."""
+    if sys.argv[1:2] == ["--check"]:
+        sys.stdout.flush()
+        raise SystemExit(check())
     from twisted.internet import reactor
 
     launch = WorkerLaunch.from_env()
@@ -27,12 +71,13 @@ def main() -> None:
     except ValueError as e:
         sys.stderr.write(f"bungate worker: bad configuration from the master: {e}\n")
         raise SystemExit(2) from None
+    service = WorkerService(config, reactor, launch)
     try:
-        WorkerService(config, reactor, launch).start()
+        service.start()
     except Exception as e:
         sys.stderr.write(f"bungate worker: cannot start: {e}\n")
         os._exit(3)
-    run_worker_reactor(reactor)
+    run_worker_reactor(reactor, lambda: service)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
@@ -29,9 +29,20 @@ from twisted.logger import Logger
 from bungate._once import Once
 from bungate.accept_table import AcceptTable
 from bungate.config import GatewayConfig, RouteConfig
+from bungate.config.convert import from_json
 from bungate.http.app import GatewayApp
 from bungate.ops.logging import begin_logging
-from bungate.wire import CONTROL_FD, DRAINING, FLEET, HEARTBEAT, READY, ControlChannel, WorkerLaunch
+from bungate.wire import (
+    CONFIG,
+    CONFIG_REQUEST,
+    CONTROL_FD,
+    DRAINING,
+    FLEET,
+    HEARTBEAT,
+    READY,
+    ControlChannel,
+    WorkerLaunch,
+)
 from bungate.worker.ports import adopt_port
 
 __all__ = [
@@ -151,7 +162,9 @@ class WorkerService:
             site.on_connections = peers.publish
             site.on_request = peers.count_request
         fds = self.launch.listeners
-        port = adopt_port(self.reactor, fds["main"], self.app.main_factory(), peers=peers)
+        port = adopt_port(
+            self.reactor, fds["main"], self.app.main_factory(), peers=peers, eager=self.app.eager
+        )
         os.close(fds["main"])
         self.ports.append(port)
         for name, fd in fds.items():
@@ -159,7 +172,7 @@ class WorkerService:
                 continue
             factory = self.app.extra_factory(name)
             if factory is not None:
-                self.ports.append(adopt_port(self.reactor, fd, factory))
+                self.ports.append(adopt_port(self.reactor, fd, factory, eager=self.app.eager))
             os.close(fd)
         self._connect()
         self._ready()
@@ -200,10 +213,48 @@ class WorkerService:
             self.control.send(HEARTBEAT)
 
     def _message(self, message: dict[str, Any]) -> None:
-        if message["t"] == FLEET:
+        kind = message["t"]
+        if kind == FLEET:
             self.fleet = {k: v for k, v in message.items() if k != "t"}
+        elif kind == CONFIG:
+            self._reconfigure(message.get("config"))
         else:
-            log.warn("Ignoring a control message of unknown kind {kind!r}", kind=message["t"])
+            log.warn("Ignoring a control message of unknown kind {kind!r}", kind=kind)
+
+    def reload(self) -> None:
+        """
+        SIGHUP: re-read the config. A built-in worker asks its master for the accepted
+        one and serves its routes from then on; a worker started from a user's script
+        keeps the config its script built.
+        """
+        if self.control is None or self.launch.config_json is None:
+            log.info(
+                "Received SIGHUP: a worker started from a script keeps its config "
+                "(nothing to re-read)"
+            )
+            return
+        log.info("Received SIGHUP: asking the master for the accepted config")
+        self.control.send(CONFIG_REQUEST)
+
+    def _reconfigure(self, config_json: Any) -> None:
+        if not isinstance(config_json, str):
+            log.warn("The master sent no config: keeping the current one")
+            return
+        try:
+            config = from_json(config_json)
+            needs_roll = self.app.reconfigure(config)
+        except Exception:
+            log.failure("The master's config could not be applied: keeping the current one")
+            return
+        self.config = config
+        if needs_roll:
+            log.warn(
+                "Config re-read: routes applied; {keys} change only with new workers "
+                "(SIGHUP or SIGUSR2 to the master)",
+                keys=", ".join(needs_roll),
+            )
+        else:
+            log.info("Config re-read: {count} route(s) now served", count=len(config.routes))
 
     def _master_gone(self) -> None:
         if self._closing is not None:
@@ -238,14 +289,21 @@ class WorkerService:
         return closing.wait()
 
 
-def run_worker_reactor(reactor: Any) -> None:
+def run_worker_reactor(
+    reactor: Any, worker: Callable[[], Optional[WorkerService]] = lambda: None
+) -> None:
     """
-    Run a worker's reactor; SIGTERM and SIGINT start one drain, later ones are ignored.
+    Run a worker's reactor with the worker's signals:
 
-    Ctrl-C signals the whole process group, so a worker gets SIGINT and then the master's
-    SIGTERM while it already drains; Twisted's own handlers would call ``reactor.stop()``
-    twice and log a critical ``ReactorNotRunning``. A worker spawns no processes, so it
-    does without Twisted's SIGCHLD handling.
+    - ``TERM``, ``INT``: drain and exit 0 (once: Ctrl-C signals the whole process group,
+      so a worker gets SIGINT and then the master's SIGTERM while it already drains);
+    - ``QUIT``: exit at once, without draining (the master's fast stop);
+    - ``HUP``: re-read its config from the master (:meth:`WorkerService.reload`);
+    - ``USR1``: nothing to reopen (a worker's log lines go through the master), said so.
+
+    A worker spawns no processes, so it does without Twisted's SIGCHLD handling.
+
+    :param worker: returns the worker's service once it exists.
     """
     stopping = [False]
 
@@ -253,13 +311,32 @@ def run_worker_reactor(reactor: Any) -> None:
         if reactor.running:
             reactor.stop()
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_stop(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if stopping[0]:
+            reactor.callFromThread(log.info, "Received {signal} while draining", signal=name)
             return
         stopping[0] = True
-        log.info("Received {signal}, draining", signal=signal.Signals(signum).name)
+        reactor.callFromThread(log.info, "Received {signal}, draining", signal=name)
         reactor.callFromThread(stop)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_quit(signum: int, frame: Any) -> None:
+        sys.stdout.flush()
+        os._exit(0)
+
+    def on_reload(signum: int, frame: Any) -> None:
+        service = worker()
+        if service is not None:
+            reactor.callFromThread(service.reload)
+
+    def on_reopen(signum: int, frame: Any) -> None:
+        reactor.callFromThread(
+            log.info, "Received SIGUSR1: this worker logs through its master, nothing to reopen"
+        )
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGQUIT, on_quit)
+    signal.signal(signal.SIGHUP, on_reload)
+    signal.signal(signal.SIGUSR1, on_reopen)
     reactor.run(installSignalHandlers=False)

@@ -215,14 +215,15 @@ def test_every_scrape_shows_the_whole_fleet(reactor, upstream, gateways):
             total(samples, "bungate_requests_total", method="GET", route="/*", status="200") == sent
         )
         assert total(samples, "bungate_request_duration_seconds_count", route="/*") == sent
-        assert total(samples, "bungate_workers_total", state="running") == 2
-        assert total(samples, "bungate_workers_total", state="failed") == 0
+        assert total(samples, "bungate_workers", state="running") == 2
+        assert total(samples, "bungate_workers", state="failed") == 0
         assert total(samples, "bungate_inflight_requests") == 0
         assert total(samples, "bungate_workers_restarts_total") == 0
         assert total(samples, "bungate_workers_crashed_total") == 0
-        # Only the documented states, each present once.
-        states = {dict(ls)["state"] for (n, ls) in samples if n == "bungate_workers_total"}
-        assert states == {"starting", "running", "stopping", "stopped", "respawning", "failed"}
+        assert total(samples, "bungate_workers_total") == 2  # the live workers
+        # Only the documented states, each present once (a stopped slot leaves the fleet).
+        states = {dict(ls)["state"] for (n, ls) in samples if n == "bungate_workers"}
+        assert states == {"starting", "running", "stopping", "respawning", "failed"}
     # Route labels are patterns, never raw paths.
     routes = {dict(ls).get("route") for (n, ls) in values[0] if n == "bungate_requests_total"}
     assert routes == {"/*"}
@@ -250,7 +251,7 @@ def test_kill_9_is_counted_and_counters_survive_it(reactor, upstream, gateways):
         after = yield scrape(gw.url + "/metrics")
         assert total(after, "bungate_workers_restarts_total") >= 1
         assert total(after, "bungate_workers_crashed_total") >= 1
-        assert total(after, "bungate_workers_total", state="running") == 2
+        assert total(after, "bungate_workers", state="running") == 2
         for key, value in before.items():
             if key[0] in ("bungate_requests_total", "bungate_request_duration_seconds_count"):
                 assert after.get(key, 0) >= value, key
@@ -281,7 +282,7 @@ def test_metrics_listen_serves_on_its_own_address(reactor, upstream, gateways):
     for _ in range(5):
         samples = yield scrape(metrics_url + "/metrics")
         assert total(samples, "bungate_requests_total", route="/*") == 1
-        assert total(samples, "bungate_workers_total", state="running") == 2
+        assert total(samples, "bungate_workers", state="running") == 2
     r = yield treq.get(metrics_url + "/health", persistent=False)
     assert r.code == 404
     yield r.content()
@@ -459,7 +460,7 @@ def test_health_document(reactor, upstream, gateways):
         assert doc["status"] == "ok"
         assert doc["pid"] == live[int(wid)]
         assert isinstance(doc["uptime"], (int, float)) and 0 <= doc["uptime"] < 60
-        assert doc["fleet"] == {"running": 2, "desired": 2}
+        assert doc["fleet"] == {"running": 2, "desired": 2, "failed": 0}
 
 
 @pytest_twisted.inlineCallbacks
@@ -571,8 +572,8 @@ def test_failed_slot_is_logged_and_counted(reactor, upstream, gateways):
 
     for _ in range(5):
         samples = yield scrape(gw.url + "/metrics")
-        assert total(samples, "bungate_workers_total", state="failed") == 1
-        assert total(samples, "bungate_workers_total", state="running") == 1
+        assert total(samples, "bungate_workers", state="failed") == 1
+        assert total(samples, "bungate_workers", state="running") == 1
         assert total(samples, "bungate_workers_crashed_total") == 1
         assert total(samples, "bungate_workers_restarts_total") == 0
 

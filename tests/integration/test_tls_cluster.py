@@ -265,9 +265,11 @@ def test_bad_key_path_fails_fast(
     d.addTimeout(15, reactor)
     out, err, code = yield d
     output = (out + err).decode("utf-8", "replace")
-    assert code != 0, output
-    lines = [line for line in output.splitlines() if missing in line]
+    assert code == 78, output  # EX_CONFIG
+    # Once on stderr, plain, and once in the log (twist's log is stdout here): not more.
+    lines = [line for line in err.decode().splitlines() if missing in line]
     assert len(lines) == 1, output
+    assert len([line for line in out.decode().splitlines() if missing in line]) == 1, output
     assert "server.tls.key" in lines[0]
     assert str(config_path) in lines[0]
     assert "No such file" in lines[0]

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import trustme
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.python.failure import Failure
 
 from bungate.config import ConfigError, TLSConfig, parse_config
 from bungate.config.convert import from_json
@@ -20,6 +21,16 @@ from bungate.ops.tlsfiles import (
 from tests.tlskit import (
     write_pair,
 )
+
+
+def settled(d: defer.Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired (a failure is raised)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
 
 
 def test_manager_keeps_the_copies_of_the_accepted_config(ca: trustme.CA, tmp_path: Path) -> None:
@@ -42,7 +53,7 @@ def test_manager_keeps_the_copies_of_the_accepted_config(ca: trustme.CA, tmp_pat
     first = ca.issue_cert("localhost")
     cert, key = write_pair(first, tmp_path, "server")
     manager = ClusterManager(config_for(cert, key), reactor=reactor, validate=check_config)
-    manager.accept_config(manager.config)  # as the master does before it starts
+    settled(manager.accept_config(manager.config))  # as the master does before it starts
     manager.listeners.bind(manager.config)  # what a worker is started with needs them
 
     def worker_tls() -> TLSConfig:
@@ -68,7 +79,7 @@ def test_manager_keeps_the_copies_of_the_accepted_config(ca: trustme.CA, tmp_pat
     # The operator overwrites the certificate with garbage: refused, naming their file.
     Path(cert).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
     with pytest.raises(ConfigError) as caught:
-        manager.accept_config(config_for(cert, key))
+        settled(manager.accept_config(config_for(cert, key)))
     assert caught.value.key == "server.tls.cert" and cert in str(caught.value)
     assert str(root) not in str(caught.value)
     assert worker_tls() == tls and copy_dirs(root) == [first_copies]
@@ -77,7 +88,7 @@ def test_manager_keeps_the_copies_of_the_accepted_config(ca: trustme.CA, tmp_pat
     # Fixed in place: accepted; new copies, and the old ones are gone (no worker booting).
     second = ca.issue_cert("localhost")
     write_pair(second, tmp_path, "server")
-    manager.accept_config(config_for(cert, key))
+    settled(manager.accept_config(config_for(cert, key)))
     new_tls = worker_tls()
     assert new_tls.cert is not None and Path(new_tls.cert).read_bytes() == Path(cert).read_bytes()
     assert copy_dirs(root) == [Path(new_tls.cert).parent]

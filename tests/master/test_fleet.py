@@ -23,6 +23,19 @@ def fleet(workers: int = 2, **cluster: Any) -> tuple[ClusterManager, FakeProcess
     return manager, reactor
 
 
+def fired(d: Any) -> list[Any]:
+    """A list that gets ``d``'s result once it has one (``called`` is also true while
+    ``d`` waits on a chained Deferred)."""
+    box: list[Any] = []
+
+    def keep(result: Any) -> Any:
+        box.append(result)
+        return result
+
+    d.addBoth(keep)
+    return box
+
+
 def by_id(reactor: FakeProcessReactor) -> dict[int, FakeWorker]:
     """The live fake workers by their CLUSTER_WORKER_ID."""
     return {w.launch.worker_id: w for w in reactor.live()}
@@ -54,7 +67,7 @@ def started() -> Any:
 
 def test_start_spawns_each_worker_with_its_sockets_and_waits_until_all_are_ready() -> None:
     manager, reactor = fleet(3)
-    done = manager.start()
+    done = fired(manager.start())
     assert [w.launch.worker_id for w in reactor.workers] == [1, 2, 3]
     first = reactor.workers[0]
     assert first.args[1:] == ["-m", "bungate.worker", "bungate worker 1"]
@@ -62,12 +75,12 @@ def test_start_spawns_each_worker_with_its_sockets_and_waits_until_all_are_ready
     assert first.launch.config_json is not None  # the built-in worker is sent its config
     reactor.workers[0].ready()
     reactor.workers[1].ready()
-    assert not done.called, "start fires once every initial worker is ready"
+    assert done == [], "start fires once every initial worker is ready"
     reactor.workers[2].ready()
-    assert done.called and serving(manager) == [1, 2, 3]
+    assert done == [None] and serving(manager) == [1, 2, 3]
     assert [i["status"] for i in manager.worker_info()] == ["running"] * 3
     # Every running worker hears how many are running (for /health).
-    assert first.messages()[-1] == {"t": "fleet", "running": 3, "desired": 3}
+    assert first.messages()[-1] == {"t": "fleet", "running": 3, "desired": 3, "failed": 0}
     reactor.on_signal = exit_on_term
     stopped = manager.stop()
     assert stopped.called and manager.listeners.sockets == {}

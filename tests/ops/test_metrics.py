@@ -61,13 +61,13 @@ os.kill(os.getpid(), signal.SIGKILL)
 MASTER = """
 import sys
 from bungate.ops.metrics import MasterMetrics
-m = MasterMetrics()
+m = MasterMetrics(states=("starting", "running", "stopping", "respawning", "failed"))
 for pid in sys.argv[1:]:
     m.worker_exited(int(pid))
     m.worker_crashed("1")
     m.worker_restarted("1")
-m.set_workers({"running": 2, "respawning": 1})
-m.set_workers({"running": 2, "failed": 1})
+m.set_workers({"running": 2, "respawning": 1}, live=3)
+m.set_workers({"running": 2, "failed": 1}, live=2)
 """
 
 # A worker that exits normally after one request.
@@ -177,10 +177,12 @@ def test_fleet_totals_survive_worker_death(tmp_path: Path) -> None:
             assert after[key] == v, key
     assert value(after, "bungate_workers_crashed_total") == 2
     assert value(after, "bungate_workers_restarts_total") == 2
-    assert value(after, "bungate_workers_total", state="running") == 2
-    assert value(after, "bungate_workers_total", state="failed") == 1
+    assert value(after, "bungate_workers", state="running") == 2
+    assert value(after, "bungate_workers", state="failed") == 1
     # A state that emptied goes to 0 rather than keeping its stale value.
-    assert value(after, "bungate_workers_total", state="respawning") == 0
+    assert value(after, "bungate_workers", state="respawning") == 0
+    # The fleet's size: the live workers (a failed slot is not one).
+    assert value(after, "bungate_workers_total") == 2
 
     # A replacement worker adds to the totals instead of starting them over.
     run_py(REPLACEMENT, child_env(d))
