@@ -6,6 +6,12 @@ All workers share one listening socket (one open file description). Twisted's
 number under load, so on a shared socket whichever worker wakes first swallows a burst.
 :class:`BalancedPort` accepts one connection per wake-up, as nginx does, so every worker
 woken by the kernel gets its turn and the load spreads evenly.
+
+Out of file descriptors (``EMFILE``), Twisted refuses the waiting connections with a
+reserved descriptor and logs three lines for each of them, on every wake-up: tens of
+thousands of lines a minute. :class:`GuardedPort` counts those events instead and logs
+one line a second with the count, and stops accepting for :data:`EMFILE_PAUSE` seconds
+(as nginx does), so a worker that still has descriptors takes the next connections.
 """
 
 from __future__ import annotations
@@ -17,15 +23,143 @@ from typing import Any, Iterator, Optional
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from zope.interface import implementer
 
 from bungate.accept_table import AcceptTable
 from bungate.core.fairness import TRUST_AGAIN_AFTER, YIELD_FOR
 from bungate.http.transport import EagerServer
 
-__all__ = ["BalancedPort", "adopt_port"]
+__all__ = ["EMFILE_PAUSE", "AcceptErrors", "BalancedPort", "GuardedPort", "adopt_port"]
+
+#: Seconds a port stops accepting after it ran out of file descriptors.
+EMFILE_PAUSE = 0.5
+
+log = Logger(namespace="bungate.worker")
 
 
-class BalancedPort(tcp.Port):
+@implementer(ILogObserver)
+class AcceptErrors:
+    """
+    The observer of a port's accept loop: fd exhaustion and other accept errors are
+    counted and logged at most once per :attr:`interval` (with the count); every other
+    event goes on to the global log.
+
+    :param clock: schedules the summary line.
+    :param interval: seconds between two summary lines.
+    """
+
+    def __init__(self, clock: Any, interval: float = 1.0) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.exhausted = False  # set by an EMFILE since the port last looked
+        self.closed = 0  # connections refused for want of descriptors, not yet logged
+        self.errors: dict[str, int] = {}  # other accept errors, not yet logged
+        self._last = float("-inf")
+        self._pending: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Count an accept-loop event, or pass it on."""
+        text = str(event.get("log_format", ""))
+        if "EMFILE" in text:
+            self.exhausted = True
+            if "Closed socket" in text:
+                self.closed += 1
+            self._schedule()
+        elif text.startswith("Could not accept"):
+            name = str(event.get("acceptError", "?"))
+            self.errors[name] = self.errors.get(name, 0) + 1
+            if name in ("EMFILE", "ENFILE"):
+                self.exhausted = True
+            self._schedule()
+        else:
+            globalLogPublisher(event)
+
+    def _schedule(self) -> None:
+        if self._pending is not None:
+            return
+        wait = self._last + self.interval - self.clock.seconds()
+        if wait <= 0:
+            self.flush()
+        else:
+            self._pending = self.clock.callLater(wait, self.flush)
+
+    def flush(self) -> None:
+        """Log what was counted since the last line (nothing if nothing was)."""
+        self._pending = None
+        self._last = self.clock.seconds()
+        closed, self.closed = self.closed, 0
+        errors, self.errors = self.errors, {}
+        if closed:
+            log.error(
+                "Out of file descriptors: refused {count} new connection(s) "
+                "(limit {limit}; raise it with ulimit -n or systemd's LimitNOFILE, or lower "
+                "server.max_connections_per_worker)",
+                count=closed,
+                limit=_fd_limit(),
+            )
+        for name, count in sorted(errors.items()):
+            log.error(
+                "Could not accept {count} new connection(s): {error}", count=count, error=name
+            )
+
+    def cancel(self) -> None:
+        """The port stopped: log what is pending now."""
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+            self.flush()
+
+
+def _fd_limit() -> str:
+    try:
+        import resource
+
+        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError, ValueError):
+        return "?"
+
+
+class GuardedPort(tcp.Port):
+    """A TCP port whose accept errors are counted, not logged one by one (see above)."""
+
+    _errors: Optional[AcceptErrors] = None
+    _paused: Any = None
+
+    def startListening(self) -> None:
+        """Listen, with this port's own accept-error observer."""
+        self._errors = AcceptErrors(self.reactor)
+        self._logger = Logger(namespace=type(self)._logger.namespace, observer=self._errors)
+        super().startListening()
+
+    def doRead(self) -> None:
+        """Accept; out of descriptors, stop accepting for :data:`EMFILE_PAUSE` seconds."""
+        self._accept()
+        errors = self._errors
+        if errors is not None and errors.exhausted:
+            errors.exhausted = False
+            if self._paused is None and self.connected:
+                self.stopReading()
+                self._paused = self.reactor.callLater(EMFILE_PAUSE, self._unpause)  # type: ignore[attr-defined]
+
+    def _accept(self) -> None:
+        super().doRead()
+
+    def _unpause(self) -> None:
+        self._paused = None
+        if self.connected:
+            self.startReading()
+
+    def connectionLost(self, reason: Any) -> None:
+        """Stopped listening: forget a pending resume, log what was counted."""
+        paused, self._paused = self._paused, None
+        if paused is not None and paused.active():
+            paused.cancel()
+        if self._errors is not None:
+            self._errors.cancel()
+        super().connectionLost(reason)
+
+
+class BalancedPort(GuardedPort):
     """
     A TCP port that accepts one connection per wake-up (fair on a shared socket).
 
@@ -40,17 +174,17 @@ class BalancedPort(tcp.Port):
     _must_accept = False
     _trust_again_at = 0.0
 
-    def doRead(self) -> None:
+    def _accept(self) -> None:
         """Accept a single connection, or leave it to an idler worker for a moment."""
         self.numberAccepts = 1
         peers = self.peers
         if peers is None:
-            super().doRead()
+            super()._accept()
             return
         if self._must_accept:
             self._must_accept = False
             before = self.sessionno
-            super().doRead()
+            super()._accept()
             if self.sessionno != before:
                 # Nobody took it in time (the peer is starved or stuck): stop waiting
                 # for it on every connection.
@@ -60,7 +194,7 @@ class BalancedPort(tcp.Port):
             self.stopReading()
             self._resume = self._clock.callLater(YIELD_FOR, self._accept_again)
             return
-        super().doRead()
+        super()._accept()
 
     @property
     def _clock(self) -> Any:
@@ -108,7 +242,7 @@ def adopt_port(
         if family not in (socket.AF_INET, socket.AF_INET6):
             port = reactor.adoptStreamPort(fd, family, factory)
         else:
-            kind = BalancedPort if balanced else tcp.Port
+            kind = BalancedPort if balanced else GuardedPort
             port = kind._fromListeningDescriptor(reactor, fd, family, factory)
             # The class of the connections it accepts (tcp.Port reads self.transport).
             port.transport = EagerServer if eager else tcp.Server

@@ -114,3 +114,102 @@ def test_stopping_while_yielding_cancels_the_resume(table, monkeypatch):
     finally:
         client.close()
         listener.close()
+
+
+# --- out of file descriptors ----------------------------------------------------------
+
+HOLDER = r"""
+import os, resource, signal, sys
+from twisted.internet import protocol, reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from bungate.ops.listeners import bind_listener
+from bungate.worker.ports import adopt_port
+
+class Hold(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(b"hi")  # and keeps the connection open
+
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+listener = bind_listener("127.0.0.1", 0, 256)
+adopt_port(reactor, listener.fileno(), protocol.Factory.forProtocol(Hold), balanced=True)
+opened = len(os.listdir("/proc/self/fd"))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 6, hard))
+signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+print("PORT", listener.getsockname()[1], flush=True)
+reactor.run()
+"""
+
+
+def test_running_out_of_descriptors_logs_a_count_once_a_second_and_recovers() -> None:
+    """
+    A worker at its fd limit: it logs one line a second with a count (Twisted alone logs
+    three lines per connection, per wake-up), pauses accepting, and serves again once
+    descriptors are free.
+    """
+    import select
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
+    )
+    assert child.stdout is not None
+    lines: list[str] = []
+
+    def read_until(word: str, timeout: float, times: int = 1) -> None:
+        """Read the holder's output until ``word`` appeared ``times`` times (bounded)."""
+        deadline = time.monotonic() + timeout
+        while sum(word in line for line in lines) < times:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([child.stdout], [], [], max(0.0, left))
+            assert ready and left > 0, f"no {word!r} x{times} in {timeout}s: {lines}"
+            line = child.stdout.readline().decode()  # type: ignore[union-attr]
+            assert line, f"the holder exited: {lines}"
+            lines.append(line)
+
+    clients: list[socket.socket] = []
+    try:
+        read_until("PORT ", 20)
+        port = int(next(x for x in lines if x.startswith("PORT ")).split()[1])
+        began = time.monotonic()
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(80)]
+        # It runs at its limit a while: a few summaries, each a second apart at least.
+        read_until("Out of file descriptors", 20, times=3)
+        served = sum(1 for c in clients if _answer(c) == b"hi")
+        assert 0 < served <= 8, served  # it holds what its descriptors allow
+        for c in clients:
+            c.close()
+        # Descriptors are free again: a new client is served.
+        again = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert again.recv(2) == b"hi"
+        again.close()
+        elapsed = time.monotonic() - began
+        child.terminate()
+        out, _ = child.communicate(timeout=20)
+        lines.extend(out.decode().splitlines())
+    finally:
+        for c in clients:
+            c.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    text = "".join(lines)
+    assert not [x for x in lines if "EMFILE recovery" in x or "releasing" in x], text
+    summaries = [x for x in lines if "Out of file descriptors" in x]
+    assert len(summaries) <= elapsed + 2, text  # once a second at most
+    assert all("ulimit -n" in x and "refused" in x for x in summaries), text
+
+
+def _answer(client: socket.socket) -> bytes:
+    """What the holder said on a connection so far: b"hi", b"" (refused) or nothing."""
+    import select
+
+    ready, _, _ = select.select([client], [], [], 0)
+    if not ready:
+        return b"?"
+    try:
+        return client.recv(2)
+    except OSError:
+        return b""

@@ -252,6 +252,19 @@ class _Connection(Protocol):
         exchange.lost(self, reason)
 
 
+def lost_message(reason: Failure, received_any: bool) -> str:
+    """
+    What happened to an upstream connection that ended before its answer did: Twisted
+    calls both a FIN and an RST a lost connection ("closed cleanly" for a FIN, even in
+    the middle of a response), which is not what an operator should read.
+    """
+    when = "in the middle of its response" if received_any else "before answering"
+    if reason.check(error.ConnectionDone):
+        return f"upstream closed the connection {when}"
+    detail = reason.getErrorMessage().rstrip(".")
+    return f"upstream connection was reset or lost {when} ({detail})"
+
+
 class Exchange:
     """
     One request to an upstream and its answer, delivered to a :class:`Sink`.
@@ -356,9 +369,7 @@ class Exchange:
             self.retried = True
             self._connect()
             return
-        self._finish_failed(
-            Failure(UpstreamReset(f"upstream closed the connection: {reason.getErrorMessage()}"))
-        )
+        self._finish_failed(Failure(UpstreamReset(lost_message(reason, conn.received_any))))
 
     def _finish_failed(self, reason: Failure) -> None:
         self.finished = True

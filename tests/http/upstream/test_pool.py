@@ -158,3 +158,40 @@ def test_malformed_answers_fail_the_exchange(client, answer):
             yield send(client, base)
     finally:
         yield port.stopListening()
+
+
+HALF = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"
+
+
+class DyingServer(protocol.Protocol):
+    """Sends half an answer (or nothing), then closes (FIN) or aborts (RST)."""
+
+    def dataReceived(self, data):
+        if b"\r\n\r\n" in data:
+            self.transport.write(self.factory.answer)
+            if self.factory.abort:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
+
+
+@pytest.mark.parametrize(
+    ("answer", "abort", "said"),
+    [
+        (b"", False, "upstream closed the connection before answering"),
+        (HALF, False, "in the middle of its response"),
+        (HALF, True, "reset or lost"),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_an_upstream_that_dies_is_not_said_to_have_closed_cleanly(client, answer, abort, said):
+    factory = protocol.Factory.forProtocol(DyingServer)
+    factory.answer, factory.abort = answer, abort
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        base = f"http://127.0.0.1:{port.getHost().port}".encode()
+        with pytest.raises(UpstreamReset) as caught:
+            yield send(client, base, b"POST", b"/", [(b"Content-Length", b"0")], b"")
+        assert said in str(caught.value) and "cleanly" not in str(caught.value)
+    finally:
+        yield port.stopListening()
