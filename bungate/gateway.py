@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import IO, Any, Callable, Optional, Union
+from typing import IO, Any, Callable, Optional, Union, cast
 
 import attrs
 from twisted.internet import defer
@@ -29,7 +29,7 @@ from bungate.config import GatewayConfig, parse_config, parse_route
 from bungate.config.parse import check_patterns
 from bungate.http.app import check_config
 from bungate.master.service import MasterService
-from bungate.ops.logging import begin_logging
+from bungate.ops.logging import begin_logging, open_log_file
 from bungate.single import SingleService
 from bungate.wire import WorkerLaunch, in_worker
 from bungate.worker.service import WorkerService, run_worker_reactor, set_title
@@ -188,9 +188,13 @@ class Gateway:
                 return defer.succeed(worker.start())
             if self.config.cluster.enabled:
                 return self._listen_master()
-            if self.manage_logging:
-                begin_logging(self.config.logger)
-            single = self._service = SingleService(self.config, self.reactor)
+            self._begin_logging()
+            single = self._service = SingleService(
+                self.config,
+                self.reactor,
+                config_loader=self.config_loader,
+                output=self.log_output,
+            )
             port = single.start()
             self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
             return defer.succeed(port)
@@ -199,8 +203,7 @@ class Gateway:
 
     def _listen_master(self) -> defer.Deferred[Any]:
         set_title("bungate master")
-        if self.manage_logging:
-            begin_logging(self.config.logger)
+        self._begin_logging()
         script = self.worker_script or None
         args: list[str] = []
         if self.worker_script is None and _is_user_script(sys.argv):
@@ -219,6 +222,23 @@ class Gateway:
         )
         self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
         return master.start()
+
+    def _begin_logging(self) -> None:
+        """Log to stdout or ``logger.file`` (unless ``twist`` logs for us)."""
+        if not self.manage_logging:
+            return
+        # A text stream as far as logging goes (write and flush), reopenable by path.
+        stream = cast(Optional[IO[str]], open_log_file(self.config.logger, self.config.source))
+        if begin_logging(self.config.logger, stream=stream) and stream is not None:
+            if self.log_output is None:
+                self.log_output = stream
+        elif stream is not None:
+            stream.close()
+            log.warn(
+                "logger.file ({path}) is not used: logging was begun before the gateway "
+                "started (by twist or the program)",
+                path=self.config.logger.file,
+            )
 
     def close(self) -> defer.Deferred[None]:
         """

@@ -1,25 +1,37 @@
 """
 A gateway in one process, ``cluster.enabled: false`` (internal): it binds its own
 listeners and serves them itself, with the same HTTP side as a worker.
+
+Signals: ``TERM``/``INT`` drain and stop (the reactor's own handling), ``QUIT`` stops
+at once, ``HUP`` re-reads the config file and serves its routes (checked in a fresh
+process first; a change to what only a restart can apply is refused by name), ``USR1``
+reopens the log file.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
-from typing import Any, Optional
+from typing import IO, Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from bungate._once import Once
-from bungate.config import GatewayConfig, RouteConfig
+from bungate.config import ConfigError, GatewayConfig, RouteConfig
+from bungate.config.diff import changed_keys
 from bungate.http.app import GatewayApp
+from bungate.master.check import ConfigCheck
 from bungate.master.listeners import wanted_listeners
 from bungate.ops.listeners import bind_listener
 from bungate.worker.ports import adopt_port
 
-__all__ = ["SingleService"]
+__all__ = ["RESTART_ONLY", "SingleService"]
+
+#: The sections a running single process cannot take on HUP: they need a restart.
+RESTART_ONLY = ("server", "metrics", "health", "logger", "cluster")
 
 log = Logger(namespace="bungate.gateway")
 
@@ -32,14 +44,25 @@ class SingleService:
     :param reactor: the reactor.
     """
 
-    def __init__(self, config: GatewayConfig, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any,
+        config_loader: Optional[Callable[[], GatewayConfig]] = None,
+        output: Optional[IO[str]] = None,
+    ) -> None:
         self.config = config
         self.reactor = reactor
+        self.config_loader = config_loader
+        self.output = output
         self.started_at = time.time()
         self.draining = False
         self.app = GatewayApp(config, reactor, status=self.status)
         self.ports: list[Any] = []
         self._closing: Optional[Once[None]] = None
+        self._previous: dict[int, Any] = {}
+        self._quick = False
+        self._reloading = False
 
     def status(self) -> dict[str, Any]:
         """The health document of this process (``/health``)."""
@@ -79,7 +102,93 @@ class SingleService:
             self.ports.append(listening)
         address = main.getHost()
         log.info("Gateway listening on {host}:{port}", host=address.host, port=address.port)
+        self.reactor.callWhenRunning(self._install_signals)
         return main
+
+    # --- signals ------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        actions = {signal.SIGHUP: self.reload, signal.SIGUSR1: self.reopen_logs}
+        actions[signal.SIGQUIT] = self.stop_now
+        for number, action in actions.items():
+
+            def handler(signum: int, frame: Any, action: Callable[[], Any] = action) -> None:
+                self.reactor.callFromThread(action)
+
+            self._previous[number] = signal.signal(number, handler)
+
+    def _restore_signals(self) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the log file by path (after logrotate moved it)."""
+        reopen = getattr(self.output, "reopen", None)
+        if reopen is None:
+            log.info("Received SIGUSR1: logging to a stream, nothing to reopen")
+            return
+        log.info("Received SIGUSR1: reopened the log file {path}", path=reopen())
+
+    def stop_now(self) -> None:
+        """SIGQUIT: stop without waiting for requests in flight."""
+        log.info("Received SIGQUIT: stopping at once")
+        self._quick = True
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def reload(self) -> defer.Deferred[bool]:
+        """
+        SIGHUP: re-read the config file, check it in a fresh process, serve its routes.
+        Fires ``True`` once served, ``False`` when refused (the log says why).
+        """
+        if self.draining:
+            log.warn("Received SIGHUP while stopping: ignored")
+            return defer.succeed(False)
+        if self.config_loader is None:
+            log.warn("Received SIGHUP: no config file to re-read (the built-in config runs)")
+            return defer.succeed(False)
+        if self._reloading:
+            log.warn("Received SIGHUP while a reload runs: send it again once it is done")
+            return defer.succeed(False)
+        log.info("Received SIGHUP: re-reading {source}", source=self.config.source)
+        try:
+            config = self.config_loader()
+        except ConfigError as e:
+            return self._refused(str(e))
+        changed = changed_keys(self.config, config)
+        fixed = [k for k in changed if k.split(".", 1)[0] in RESTART_ONLY]
+        if fixed:
+            return self._refused(
+                f"{', '.join(fixed)} cannot change in a running single process: restart it "
+                "(a cluster master applies them on HUP)"
+            )
+        check = ConfigCheck(self.reactor, sys.executable, lambda: dict(os.environ))
+        self._reloading = True
+
+        def apply(_: Any) -> bool:
+            self.app.reconfigure(config)
+            self.config = config
+            log.info(
+                "Configuration reloaded from {source}: changed {changed}",
+                source=config.source,
+                changed=", ".join(changed) or "nothing",
+            )
+            return True
+
+        def refused(failure: Any) -> Any:
+            return self._refused(failure.getErrorMessage())
+
+        def done(result: Any) -> Any:
+            self._reloading = False
+            return result
+
+        d = check(config, {}).addCallbacks(apply, refused)
+        return d.addBoth(done)
+
+    def _refused(self, why: str) -> defer.Deferred[bool]:
+        log.error("Configuration reload refused, the running config stays: {why}", why=why)
+        return defer.succeed(False)
 
     def close(self) -> defer.Deferred[None]:
         """Stop accepting, drain (up to ``shutdown_timeout``), close. Safe to call again."""
@@ -87,7 +196,9 @@ class SingleService:
         if closing is None:
             closing = self._closing = Once()
             self.draining = True
+            self._restore_signals()
             ports, self.ports = self.ports, []
-            work = self.app.close(ports, self.config.cluster.shutdown_timeout)
+            grace = 0.0 if self._quick else self.config.cluster.shutdown_timeout
+            work = self.app.close(ports, grace)
             work.addBoth(lambda _: closing.fire(None))
         return closing.wait()

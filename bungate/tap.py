@@ -94,8 +94,10 @@ def check_in_fresh_process(config: GatewayConfig, timeout: float = 60.0) -> list
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        return [f"{config.source}: the check did not finish within {timeout:g}s (a handler "
-                "module may hang at import)"]
+        return [
+            f"{config.source}: the check did not finish within {timeout:g}s (a handler "
+            "module may hang at import)"
+        ]
     except OSError as e:
         return [f"{config.source}: cluster.python: cannot run {python}: {e.strerror or e}"]
     answers = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -108,8 +110,10 @@ def check_in_fresh_process(config: GatewayConfig, timeout: float = 60.0) -> list
     if answer.get("errors"):
         return [str(e) for e in answer["errors"]]
     tail = (done.stderr.strip().splitlines() or [""])[-1]
-    return [f"{config.source}: the check exited with status {done.returncode} (a handler "
-            f"module may exit at import){': ' + tail if tail else ''}"]
+    return [
+        f"{config.source}: the check exited with status {done.returncode} (a handler "
+        f"module may exit at import){': ' + tail if tail else ''}"
+    ]
 
 
 def versions() -> str:
@@ -140,8 +144,9 @@ class Options(usage.Options):
     longdesc = (
         "Run the bungate HTTP API gateway. Without --config a built-in default runs: "
         "port 3000, cluster mode with one worker per CPU, GET /health and an /echo "
-        "route. Signals to the master: TERM/INT drain and stop, USR2 rolling restart, "
-        "HUP reload the config file, TTIN/TTOU add/remove a worker."
+        "route. Signals to the master: TERM/INT drain and stop (a second one, or QUIT, "
+        "stops at once), HUP reload the config file, USR2 rolling restart, USR1 reopen "
+        "the log file, TTIN/TTOU add/remove a worker."
     )
     optParameters = [
         ["config", "c", None, "YAML configuration file (default: the built-in config)."],
@@ -221,13 +226,24 @@ class Options(usage.Options):
         if parent is None or not hasattr(parent, "__setitem__"):
             return
         argv = " ".join(sys.argv)
-        from bungate.ops.logging import ReopenableFile, make_observer
+        from bungate.ops.logging import ReopenableFile, make_observer, open_log_file
 
         stream = parent.get("logFile")
         name = getattr(stream, "name", None)
+        given = any(a in ("-l", "--log-file") or a.startswith("--log-file=") for a in sys.argv)
         if isinstance(name, str) and not name.startswith("<") and os.path.exists(name):
             # twist's --logfile: the same file, reopened by path on SIGUSR1 (logrotate).
             stream = parent["logFile"] = ReopenableFile(name)
+            if config.logger.file is not None:
+                sys.stderr.write(
+                    f"bungate: warning: logger.file ({config.logger.file}) is not used: "
+                    f"twist's --log-file ({name}) was given\n"
+                )
+        elif config.logger.file is not None and not given:
+            try:
+                stream = parent["logFile"] = open_log_file(config.logger, config.source)
+            except ConfigError as e:
+                _refuse(e)
         self["log_output"] = stream
 
         logger_config = config.logger

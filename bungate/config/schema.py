@@ -244,6 +244,9 @@ class LoggerConfig:
     level: str = choice("info", LOG_LEVELS)
     request_logging: bool = flag(True)
     format: str = choice("text", LOG_FORMATS)
+    #: append the log (the master's and its workers' lines) to this file instead of
+    #: stdout; reopened by path on SIGUSR1 (logrotate). ``twist --logfile`` wins over it.
+    file: Optional[str] = text(None)
 
 
 @attrs.frozen

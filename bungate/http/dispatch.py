@@ -394,11 +394,14 @@ class Dispatcher:
             self.access_log(request, status, duration)
 
     def _health(self, request: GatewayRequest) -> None:
-        status = self.status()
+        status = full = self.status()
         if not self.config.health.details:
             # Pids and connection counts are for operators: the metrics listener, or
-            # health.details: true on a trusted network.
-            status = {"status": status.get("status", "ok")}
+            # health.details: true on a trusted network. Failed slots are said to all.
+            status = {"status": full.get("status", "ok")}
+            failed = full.get("fleet", {}).get("failed")
+            if failed:
+                status["failed_workers"] = failed
         code = 503 if status.get("status") == "draining" else 200
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
         json_response(request, code, status)

@@ -13,47 +13,17 @@ import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
-import cattrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from bungate.config import ClusterConfig, ConfigError, GatewayConfig
 from bungate.config.convert import to_json
+from bungate.config.diff import changed_keys
 from bungate.master.certificates import CertificateCopies, Prepared, Validate
 from bungate.master.listeners import Listeners
 from bungate.master.spawn import Spawner
 
-__all__ = ["ConfigFlow", "changed_keys", "refused_changes"]
-
-_converter = cattrs.Converter()
-
-#: Sections compared as a whole (a change anywhere inside names the section).
-_WHOLE = ("routes", "middlewares")
-
-
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping) and prefix.split(".")[-1] not in ("certificates",):
-        for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
-    else:
-        out[prefix] = value
-
-
-def _keys(config: GatewayConfig) -> dict[str, Any]:
-    doc = _converter.unstructure(config)
-    doc.pop("source", None)
-    out: dict[str, Any] = {}
-    for name in _WHOLE:
-        out[name] = doc.pop(name, None)
-    _flatten(doc, "", out)
-    return out
-
-
-def changed_keys(old: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """The dotted keys whose values differ (``routes`` and ``middlewares`` as a whole)."""
-    a, b = _keys(old), _keys(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
+__all__ = ["ConfigFlow", "refused_changes"]
 
 def refused_changes(old: GatewayConfig, new: GatewayConfig) -> None:
     """

@@ -43,7 +43,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from bungate.config import LoggerConfig
+from bungate.config import ConfigError, LoggerConfig
 
 __all__ = [
     "ACCESS_NAMESPACE",
@@ -53,6 +53,7 @@ __all__ = [
     "begin_logging",
     "log_access",
     "make_observer",
+    "open_log_file",
     "request_id",
     "start_logging",
     "write_line",
@@ -297,6 +298,22 @@ def write_line(line: str, stream: Optional[IO[str]] = None) -> None:
         out.flush()
     except (OSError, ValueError):
         pass
+
+
+def open_log_file(config: LoggerConfig, source: str) -> Optional[ReopenableFile]:
+    """
+    The file ``logger.file`` names, opened for appending, or ``None`` without one.
+
+    :raises ConfigError: naming ``logger.file`` when it cannot be opened.
+    """
+    if config.file is None:
+        return None
+    try:
+        return ReopenableFile(config.file)
+    except OSError as e:
+        raise ConfigError(
+            source, "logger.file", f"cannot open {config.file} for appending: {e.strerror or e}"
+        ) from None
 
 
 class ReopenableFile:

@@ -132,8 +132,11 @@ class WorkerService:
 
     def status(self) -> dict[str, Any]:
         """The health document of this worker (``/health``)."""
+        failed = self.fleet.get("failed", 0)
         doc: dict[str, Any] = {
-            "status": "draining" if self.draining else "ok",
+            # A slot that failed for good is never hidden behind "ok": this worker
+            # serves (200), but the fleet is short of what the config asks for.
+            "status": "draining" if self.draining else "degraded" if failed else "ok",
             "worker_id": self.worker_id,
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started_at, 3),
