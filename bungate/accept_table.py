@@ -34,7 +34,7 @@ import os
 import tempfile
 from typing import IO, Any, Optional
 
-from bungate.core.fairness import should_yield
+from bungate.core.fairness import accept_budget, should_yield
 
 __all__ = ["SLOTS", "AcceptTable"]
 
@@ -158,6 +158,15 @@ class AcceptTable:
         if self.slot is not None:
             self._counts[self.slot] = -1
             self.slot = None
+
+    def accept_budget(self) -> int:
+        """:func:`accept_budget` for this worker against the others in the table."""
+        slot = self.slot
+        if slot is None:
+            return 1
+        counts = self._counts
+        others = [counts[i] for i in self._slots_in_use() if i != slot]
+        return accept_budget(counts[slot], others)
 
     def should_yield(self) -> bool:
         """:func:`should_yield` for this worker against the others in the table."""

@@ -7,13 +7,19 @@ worker's port (:mod:`bungate.worker.ports`).
 
 from __future__ import annotations
 
-__all__ = ["TRUST_AGAIN_AFTER", "YIELD_FOR", "should_yield"]
+__all__ = ["MAX_BATCH", "TRUST_AGAIN_AFTER", "YIELD_FOR", "accept_budget", "should_yield"]
 
 #: How long a busier worker leaves a new connection to an idler one (seconds).
 YIELD_FOR = 0.002
 #: After the idler worker failed to take a connection in time, accept without deferring
 #: for this long (seconds).
 TRUST_AGAIN_AFTER = 0.1
+#: The most connections a worker accepts in one wake-up.
+MAX_BATCH = 64
+
+
+def _slack(mine: int) -> int:
+    return 2 + mine // 8
 
 
 def should_yield(mine: int, others: list[int]) -> bool:
@@ -28,4 +34,21 @@ def should_yield(mine: int, others: list[int]) -> bool:
     accepting = [n for n in others if n >= 0]
     if not accepting:
         return False
-    return min(accepting) + 2 + mine // 8 < mine
+    return min(accepting) + _slack(mine) < mine
+
+
+def accept_budget(mine: int, others: list[int], most: int = MAX_BATCH) -> int:
+    """
+    How many waiting connections a worker may accept in one wake-up.
+
+    One per wake-up is fair on a shared socket but too slow for a burst: a busy worker
+    wakes a few dozen times a second, so a thousand connections arriving at once would
+    wait seconds in the kernel's queue. A worker therefore takes as many as it can
+    without becoming clearly busier than the least busy accepting peer (the margin of
+    :func:`should_yield`), at least one and at most ``most``; alone, ``most``.
+    """
+    accepting = [n for n in others if n >= 0]
+    if not accepting:
+        return most
+    room = min(accepting) + _slack(mine) - mine
+    return max(1, min(most, room))

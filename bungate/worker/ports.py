@@ -4,8 +4,10 @@ The worker's listening ports, on the sockets its master bound (adopted, never bo
 All workers share one listening socket (one open file description). Twisted's
 ``Port.doRead`` accepts up to ``numberAccepts`` connections per wake-up and grows that
 number under load, so on a shared socket whichever worker wakes first swallows a burst.
-:class:`BalancedPort` accepts one connection per wake-up, as nginx does, so every worker
-woken by the kernel gets its turn and the load spreads evenly.
+:class:`BalancedPort` accepts only this worker's share per wake-up: as many waiting
+connections as it can take without holding clearly more than the least busy peer (one
+when even), so every worker woken by the kernel gets its turn, the load spreads evenly,
+and a burst of a thousand connections is still drained within a few wake-ups.
 
 Out of file descriptors (``EMFILE``), Twisted refuses the waiting connections with a
 reserved descriptor and logs three lines for each of them, on every wake-up: tens of
@@ -161,10 +163,12 @@ class GuardedPort(tcp.Port):
 
 class BalancedPort(GuardedPort):
     """
-    A TCP port that accepts one connection per wake-up (fair on a shared socket).
+    A TCP port that accepts its fair share per wake-up (on a shared socket).
 
-    With an :class:`~bungate.accept_table.AcceptTable` (``peers``), a worker holding
-    clearly more connections than another leaves a new connection to it for
+    Without an :class:`~bungate.accept_table.AcceptTable` (``peers``) it accepts one
+    connection per wake-up. With one, it accepts up to
+    :func:`~bungate.core.fairness.accept_budget` connections; a worker holding clearly
+    more connections than another leaves a new connection to it for
     :data:`~bungate.core.fairness.YIELD_FOR` seconds, then accepts it itself if it is
     still waiting.
     """
@@ -175,7 +179,10 @@ class BalancedPort(GuardedPort):
     _trust_again_at = 0.0
 
     def _accept(self) -> None:
-        """Accept a single connection, or leave it to an idler worker for a moment."""
+        """
+        Accept what this worker's share allows (:func:`~bungate.core.fairness.
+        accept_budget`), or leave the connection to an idler worker for a moment.
+        """
         self.numberAccepts = 1
         peers = self.peers
         if peers is None:
@@ -194,6 +201,7 @@ class BalancedPort(GuardedPort):
             self.stopReading()
             self._resume = self._clock.callLater(YIELD_FOR, self._accept_again)
             return
+        self.numberAccepts = peers.accept_budget()
         super()._accept()
 
     @property

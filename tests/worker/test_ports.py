@@ -15,7 +15,7 @@ from bungate.ops.listeners import bind_listener
 from bungate.testing import wait_until
 from bungate.worker import ports as sockets
 from bungate.worker.ports import adopt_port
-from tests.conftest import busier_than_its_peer
+from tests.conftest import busier_than_its_peer, worker_view
 
 
 def test_adopt_port_keeps_the_shared_socket_non_blocking() -> None:
@@ -113,6 +113,34 @@ def test_stopping_while_yielding_cancels_the_resume(table, monkeypatch):
         assert not resume.active() and port._resume is None
     finally:
         client.close()
+        listener.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_burst_of_connections_is_drained_in_a_few_wake_ups(table):
+    """
+    At one connection per wake-up a busy worker (a few dozen wake-ups a second) leaves a
+    burst of a thousand queued for seconds; its fair share is taken in big bites instead.
+    """
+    listener = bind_listener("127.0.0.1", 0, 512)
+    view = worker_view(table, table.claim())
+    view.publish(0)  # alone in the table
+    factory = counting_factory()
+    port: Any = adopt_port(_reactor, listener.fileno(), factory, peers=view)
+    wake_ups = []
+    accept = port._accept
+    port._accept = lambda: (wake_ups.append(1), accept())[1]
+    clients = []
+    try:
+        port.stopReading()  # the burst arrives while the worker is busy elsewhere
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(200)]
+        port.startReading()
+        yield wait_until(_reactor, lambda: len(factory.accepted) == 200, timeout=10)
+        assert len(wake_ups) <= 8, len(wake_ups)  # 200 / 64, not 200
+    finally:
+        for c in clients:
+            c.close()
+        yield port.stopListening()
         listener.close()
 
 
