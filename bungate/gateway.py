@@ -185,7 +185,7 @@ class Gateway:
             launch = WorkerLaunch.from_env()
             if launch is not None:
                 worker = self._service = WorkerService(self.config, self.reactor, launch)
-                return defer.succeed(worker.start())
+                return defer.maybeDeferred(worker.start)
             if self.config.cluster.enabled:
                 return self._listen_master()
             self._begin_logging()

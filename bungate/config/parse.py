@@ -26,7 +26,7 @@ import yaml
 
 from bungate.config.errors import ConfigError, ConfigErrors, combine
 from bungate.config.reader import Reader as _Reader
-from bungate.config.reader import closest_key
+from bungate.config.reader import closest_key, format_number
 from bungate.config.schema import (
     HTTP_METHODS,
     SPEC,
@@ -394,6 +394,25 @@ def _cluster_check(r: _Reader, c: ClusterConfig, failed: _Failures) -> None:
             "heartbeat_timeout",
             f"must be longer than heartbeat_interval ({c.heartbeat_interval})",
         )
+    if c.warmup is not None and not failed.any("warmup", "ready_timeout"):
+        if c.warmup >= c.ready_timeout:
+            raise r.error(
+                "warmup",
+                f"must be shorter than ready_timeout ({format_number(c.ready_timeout)} s): "
+                "a worker warms up before it reports ready",
+            )
+
+
+@_custom(ClusterConfig, "warmup")
+def _warmup(r: _Reader, name: str) -> Any:
+    value = r.raw(name)
+    if value is None:
+        return attrs.NOTHING
+    if value == "auto":
+        return None
+    if value is False or value == "off":
+        return 0.0
+    return r.number(name, 0.0, 0.0, 60.0, duration=True)
 
 
 @_custom(MetricsConfig, "listen")

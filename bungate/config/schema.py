@@ -235,6 +235,10 @@ class ClusterConfig:
     #: Kubernetes restart the gateway) or ``retry`` (start failed slots again after
     #: ``max_restart_delay``, as nginx keeps trying).
     on_all_failed: str = choice("exit", ("exit", "retry"))
+    #: seconds a new worker exercises its request path on a private port before it
+    #: reports READY (the JIT compiles it while the old workers still serve): ``None``
+    #: (``auto``) is 3 s on PyPy and none on CPython; ``0`` (``off``) none.
+    warmup: Optional[float] = custom(None)
 
 
 @attrs.frozen

@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from bungate.config.convert import from_json
 from bungate.wire import WorkerLaunch
 from bungate.worker.service import WorkerService, run_worker_reactor
@@ -72,11 +74,17 @@ def main() -> None:
         sys.stderr.write(f"bungate worker: bad configuration from the master: {e}\n")
         raise SystemExit(2) from None
     service = WorkerService(config, reactor, launch)
-    try:
-        service.start()
-    except Exception as e:
+    def cannot_start(e: Any) -> None:
         sys.stderr.write(f"bungate worker: cannot start: {e}\n")
+        sys.stderr.flush()
         os._exit(3)
+
+    try:
+        started = service.start()
+    except Exception as e:
+        cannot_start(e)
+    if isinstance(started, Deferred):
+        started.addErrback(lambda f: cannot_start(f.value))
     run_worker_reactor(reactor, lambda: service)
 
 

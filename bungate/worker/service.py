@@ -44,6 +44,7 @@ from bungate.wire import (
     WorkerLaunch,
 )
 from bungate.worker.ports import adopt_port
+from bungate.worker.warmup import warm_up, warmup_seconds
 
 __all__ = [
     "WorkerService",
@@ -151,12 +152,22 @@ class WorkerService:
 
     def start(self) -> Any:
         """
-        Adopt the listening sockets, connect to the master and report ready.
+        Warm up (``cluster.warmup``, built-in workers), then adopt the listening sockets,
+        connect to the master and report ready.
 
-        :returns: the main listening port.
+        :returns: the main listening port, or a Deferred firing with it after a warm-up.
         """
         set_title(f"bungate worker {self.worker_id}")
         begin_logging(self.config.logger, self.worker_id)
+        seconds = warmup_seconds(self.config) if self.launch.config_json is not None else 0.0
+        if seconds > 0:
+            # The JIT compiles the request path on a private port first; this worker
+            # adopts the shared sockets and reports READY only then.
+            d = warm_up(self.config, self.reactor, seconds)
+            return d.addCallback(lambda _: self._serve())
+        return self._serve()
+
+    def _serve(self) -> Any:
         site = self.app.site
         table = self.launch.accept_table
         peers = self.accept = AcceptTable.inherited(*table) if table is not None else None
