@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 import yaml
 
-from bungate.config.errors import ConfigError, ConfigErrors, combine
+from bungate.config.errors import ConfigError, combine
 from bungate.config.reader import Reader as _Reader
 from bungate.config.reader import closest_key, format_number
 from bungate.config.schema import (
     HTTP_METHODS,
-    SPEC,
     ClusterConfig,
     GatewayConfig,
     LoadBalancerConfig,
@@ -37,11 +36,16 @@ from bungate.config.schema import (
     RedirectConfig,
     RouteConfig,
     ServerConfig,
-    Spec,
     StickySessionConfig,
     TargetConfig,
     TLSConfig,
 )
+from bungate.config.sections import Failures as _Failures
+from bungate.config.sections import custom_reader as _custom
+from bungate.config.sections import each as _each
+from bungate.config.sections import read_section
+from bungate.config.sections import section_check as _check
+from bungate.config.sections import under as _under
 from bungate.core.routing import PatternError, compile_pattern
 from bungate.core.target import TargetError, normalize_path
 
@@ -61,186 +65,6 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An RFC 6265 cookie name (an RFC 9110 token)."""
-# --- the generic section reader ---------------------------------------------------------
-
-
-class _Partial(ConfigErrors):
-    """
-    The problems found in one value, with what could be read of it (the defaults standing
-    in for the bad parts), so that a section's check can still look at the good parts.
-    Raised inside this module only: the entry points raise plain errors.
-    """
-
-    def __init__(self, errors: list[ConfigError], value: Any) -> None:
-        super().__init__(errors)
-        self.value = value
-
-
-def _under(key: str, prefix: str) -> bool:
-    """Whether dotted ``key`` is ``prefix`` or a key inside it."""
-    if not key.startswith(prefix):
-        return False
-    rest = key[len(prefix) :]
-    return not rest or not prefix or rest[0] in ".["
-
-
-class _Failures:
-    """Which keys of one section could not be read, for the section's check."""
-
-    def __init__(self, r: _Reader, errors: list[ConfigError]) -> None:
-        self._r = r
-        self._errors = errors
-
-    def any(self, *names: str) -> bool:
-        """
-        Whether a problem was found at or inside any of ``names`` (dotted, relative to the
-        section), or at a key that holds one of them (say ``server`` for
-        ``server.merge_slashes``): the value seen there is then a default, not the
-        operator's.
-        """
-        for name in names:
-            key = self._r.key(name)
-            for e in self._errors:
-                inside = _under(e.key, key)
-                holds = len(e.key) > len(self._r.prefix) and _under(key, e.key)
-                if inside or holds:
-                    return True
-        return False
-
-
-_Check = Callable[[_Reader, Any, _Failures], None]
-
-#: ``(section class, field name) -> reader(r, name)``: keys with a shape of their own. A
-#: reader returns the value, or ``attrs.NOTHING`` to keep the schema's default.
-_CUSTOM: dict[tuple[type, str], Callable[[_Reader, str], Any]] = {}
-#: ``section class -> check(r, value, failed)``: rules across the fields of one section.
-#: ``failed`` says which fields held a bad value; a rule about those is skipped, since
-#: the value the check sees there is the default, not what the operator wrote.
-_CHECKS: dict[type, _Check] = {}
-
-
-def _custom(cls: type, name: str) -> Callable[[Callable[[_Reader, str], Any]], Any]:
-    def register(fn: Callable[[_Reader, str], Any]) -> Any:
-        _CUSTOM[(cls, name)] = fn
-        return fn
-
-    return register
-
-
-def _check(cls: type) -> Callable[[_Check], Any]:
-    def register(fn: _Check) -> Any:
-        _CHECKS[cls] = fn
-        return fn
-
-    return register
-
-
-def _default(field: Any) -> Any:
-    default = field.default
-    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-        return default.factory()
-    return default
-
-
-def _simple(r: _Reader, name: str, spec: Spec, default: Any, field: Any) -> Any:
-    kind = spec.kind
-    if kind == "bool":
-        return r.boolean(name, default)
-    if kind in ("int", "port"):
-        return r.integer(name, default, spec.minimum or 0, spec.maximum)
-    if kind == "seconds":
-        return r.number(name, default, spec.minimum or 0.0, spec.maximum, duration=True)
-    if kind == "str":
-        return r.string(name, default)
-    if kind == "choice":
-        return r.choice(name, default, spec.choices)
-    if kind == "path":
-        return r.path(name, default)
-    if kind == "strings":
-        value = r.strings(name)
-        return default if value is None else value
-    if kind == "section":
-        return read_section(r.sub(name), field.default.factory)
-    raise AssertionError(f"unknown field kind {kind!r}")
-
-
-def _problems(error: ConfigError) -> tuple[list[ConfigError], Any]:
-    """The single problems of ``error``, and what could be read despite them."""
-    value = error.value if isinstance(error, _Partial) else attrs.NOTHING
-    return error.errors, value
-
-
-def read_section(r: _Reader, cls: type[T]) -> T:
-    """
-    Read one section: every field of ``cls`` by its spec, then the section's own check,
-    then refuse the keys the schema does not know.
-
-    Every field is read even when an earlier one is bad (the schema's default stands in
-    for a bad value), so one reading reports every problem of the section.
-
-    :raises ConfigError: naming every bad or unknown key (a
-        :class:`~bungate.config.errors.ConfigErrors` when there are several).
-    """
-    values: dict[str, Any] = {}
-    errors: list[ConfigError] = []
-    for field in attrs.fields(cls):  # type: ignore[arg-type]
-        spec: Optional[Spec] = field.metadata.get(SPEC)
-        if spec is None:
-            continue
-        r.seen.add(field.name)  # a known key, even when its reader fails before asking
-        try:
-            if spec.kind == "custom":
-                value = _CUSTOM[(cls, field.name)](r, field.name)
-            else:
-                value = _simple(r, field.name, spec, _default(field), field)
-        except ConfigError as e:
-            found, value = _problems(e)
-            errors.extend(found)
-        if value is not attrs.NOTHING:
-            values[field.name] = value
-    result = cls(**values)
-    check = _CHECKS.get(cls)
-    try:
-        if check is not None:
-            check(r, result, _Failures(r, list(errors)))
-    except ConfigError as e:
-        errors.extend(e.errors)
-    try:
-        r.done()
-    except ConfigError as e:
-        errors.extend(e.errors)
-    if errors:
-        raise _Partial(errors, result)
-    return result
-
-
-def _each(
-    r: _Reader, name: str, read: Callable[[str, object], T], unread: Optional[T] = None
-) -> tuple[T, ...]:
-    """
-    Read every item of the list under ``name`` with ``read(key, item)``, reporting the
-    problems of all of them.
-
-    :param unread: stands in for an item that could not be read at all, so that the
-        items after it keep their index; ``None`` leaves such an item out.
-    """
-    values: list[T] = []
-    errors: list[ConfigError] = []
-    for i, item in enumerate(r.items(name)):
-        try:
-            values.append(read(f"{r.key(name)}[{i}]", item))
-        except ConfigError as e:
-            found, value = _problems(e)
-            errors.extend(found)
-            if value is not attrs.NOTHING:
-                values.append(value)
-            elif unread is not None:
-                values.append(unread)
-    if errors:
-        raise _Partial(errors, tuple(values))
-    return tuple(values)
-
-
 # --- keys with a shape of their own ------------------------------------------------------
 
 
