@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 import cattrs
 
 from bungate.config.errors import ConfigError
+from bungate.config.policy import AuthConfig, CorsConfig, RateLimitConfig, SecurityHeadersConfig
 from bungate.config.schema import GatewayConfig
 
 __all__ = ["from_json", "to_json"]
@@ -32,6 +33,22 @@ def _structure_handler(value: Any, _: Any) -> Optional[str]:
 _converter.register_structure_hook(_Handler, _structure_handler)
 
 
+def _policy(cls: type) -> Callable[[Any, Any], Any]:
+    """A route's policy: its section, ``false`` (the top-level default off) or none."""
+
+    def structure(value: Any, _: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        return _converter.structure(value, cls)
+
+    return structure
+
+
+for _cls in (AuthConfig, RateLimitConfig, CorsConfig, SecurityHeadersConfig):
+    _converter.register_structure_hook(Union[_cls, bool, None], _policy(_cls))
+_converter.register_structure_hook(Any, lambda value, _: value)
+
+
 def to_json(config: GatewayConfig) -> str:
     """
     The config as one line of JSON.
@@ -46,6 +63,24 @@ def to_json(config: GatewayConfig) -> str:
                 "is a Python callable, which cannot be sent to a worker process; name it "
                 "as 'package.module:function' or start the workers from your script",
             )
+    lists = [("", config)] + [(f"routes[{i}].", r) for i, r in enumerate(config.routes)]
+    for prefix, holder in lists:
+        for j, middleware in enumerate(holder.middlewares):
+            if not isinstance(middleware, str):
+                raise ConfigError(
+                    config.source,
+                    f"{prefix}middlewares[{j}]",
+                    "is a Python object, which cannot be sent to a worker process; name it "
+                    "as 'package.module:callable' or start the workers from your script",
+                )
+        for hook, value in holder.hooks:
+            if not isinstance(value, str):
+                raise ConfigError(
+                    config.source,
+                    f"{prefix}hooks.{hook}",
+                    "is a Python callable, which cannot be sent to a worker process; name "
+                    "it as 'package.module:callable' or start the workers from your script",
+                )
     return json.dumps(_converter.unstructure(config), separators=(",", ":"))
 
 

@@ -25,6 +25,13 @@ import attrs
 import yaml
 
 from bungate.config.errors import ConfigError, combine
+from bungate.config.policy import (
+    AuthConfig,
+    CorsConfig,
+    RateLimitConfig,
+    SecurityHeadersConfig,
+    read_policy,
+)
 from bungate.config.reader import Reader as _Reader
 from bungate.config.reader import closest_key, format_number
 from bungate.config.schema import (
@@ -46,6 +53,7 @@ from bungate.config.sections import each as _each
 from bungate.config.sections import read_section
 from bungate.config.sections import section_check as _check
 from bungate.config.sections import under as _under
+from bungate.core.clientaddr import TrustedProxies
 from bungate.core.routing import PatternError, compile_pattern
 from bungate.core.target import TargetError, normalize_path
 
@@ -103,17 +111,119 @@ def _url(r: _Reader, name: str) -> Any:
         raise r.error(name, str(e)) from None
 
 
-def _names(r: _Reader, name: str) -> tuple[str, ...]:
-    values = r.strings(name) or ()
-    for v in values:
-        if not _NAME.match(v):
-            raise r.error(name, f"{v!r} is not a plugin name")
-    return values
+def _names(r: _Reader, name: str) -> tuple[Any, ...]:
+    """Middlewares: plugin names, ``module:callable`` strings or (from Python) objects."""
+    raw = r.raw(name)
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    out: list[Any] = []
+    for i, v in enumerate(items):
+        key = f"{r.key(name)}[{i}]"
+        if isinstance(v, str):
+            if not (_NAME.match(v) or _HANDLER.match(v)):
+                raise ConfigError(
+                    r.source, key, f"{v!r} is neither a plugin name nor a module:callable"
+                )
+        elif not callable(v) and not hasattr(v, "process_request"):
+            raise ConfigError(
+                r.source, key, f"must be a name, module:callable or callable, got {v!r}"
+            )
+        out.append(v)
+    return tuple(out)
 
 
 _custom(RouteConfig, "target")(_url)
 _custom(RouteConfig, "middlewares")(_names)
 _custom(GatewayConfig, "middlewares")(_names)
+
+HOOKS = ("before_request", "after_response", "on_error")
+
+
+def _hooks(r: _Reader, name: str) -> Any:
+    raw = r.raw(name)
+    if raw is None:
+        return attrs.NOTHING
+    if not isinstance(raw, Mapping):
+        raise r.error(name, f"must map {', '.join(HOOKS)} to module:callable")
+    out = []
+    for hook, value in raw.items():
+        key = f"{r.key(name)}.{hook}"
+        if hook not in HOOKS:
+            known = closest_key(str(hook), HOOKS)
+            hint = f"; did you mean {known}?" if known else f" (known: {', '.join(HOOKS)})"
+            raise ConfigError(r.source, key, f"unknown hook{hint}")
+        if isinstance(value, str):
+            if not _HANDLER.match(value):
+                raise ConfigError(r.source, key, f"must be module:callable, got {value!r}")
+        elif not callable(value):
+            raise ConfigError(
+                r.source, key, f"must be module:callable or a callable, got {value!r}"
+            )
+        out.append((hook, value))
+    return tuple(out)
+
+
+_custom(RouteConfig, "hooks")(_hooks)
+_custom(GatewayConfig, "hooks")(_hooks)
+
+
+def _policy(cls: type) -> Any:
+    return lambda r, name: read_policy(r, name, cls)
+
+
+for _cls in (RouteConfig, GatewayConfig):
+    _custom(_cls, "auth")(_policy(AuthConfig))
+    _custom(_cls, "rate_limit")(_policy(RateLimitConfig))
+    _custom(_cls, "cors")(_policy(CorsConfig))
+
+
+@_custom(RouteConfig, "security_headers")
+def _route_security(r: _Reader, name: str) -> Any:
+    return read_policy(r, name, SecurityHeadersConfig)
+
+
+@_custom(GatewayConfig, "security_headers")
+def _security(r: _Reader, name: str) -> Any:
+    value = read_policy(r, name, SecurityHeadersConfig)
+    if value is False:
+        return SecurityHeadersConfig(enabled=False)
+    return value
+
+
+@_custom(RouteConfig, "path_rewrite")
+def _path_rewrite(r: _Reader, name: str) -> Any:
+    raw = r.raw(name)
+    if raw is None:
+        return attrs.NOTHING
+    if not isinstance(raw, Mapping):
+        raise r.error(name, "must map regular expressions to replacements, e.g. {'^/v1/': '/'}")
+    out = []
+    for pattern, replacement in raw.items():
+        key = f"{r.key(name)}.{pattern}"
+        try:
+            re.compile(str(pattern))
+        except re.error as e:
+            raise ConfigError(r.source, key, f"is not a regular expression: {e}") from None
+        if not isinstance(replacement, str):
+            raise ConfigError(
+                r.source, key, f"the replacement must be a string, got {replacement!r}"
+            )
+        out.append((str(pattern), replacement))
+    return tuple(out)
+
+
+@_custom(ServerConfig, "trusted_proxies")
+def _trusted_proxies(r: _Reader, name: str) -> Any:
+    value = r.strings(name)
+    if value is None:
+        return attrs.NOTHING
+    for i, entry in enumerate(value):
+        try:
+            TrustedProxies.parse([entry])
+        except ValueError as e:
+            raise ConfigError(r.source, f"{r.key(name)}[{i}]", str(e)) from None
+    return value
 
 
 @_custom(ServerConfig, "eager_writes")

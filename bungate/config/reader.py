@@ -95,6 +95,8 @@ class Reader:
 
     def key(self, name: str) -> str:
         """The dotted key of ``name`` in this mapping."""
+        if not name:
+            return self.prefix
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def error(self, name: str, problem: str) -> ConfigError:

@@ -17,6 +17,30 @@ from typing import Any, Callable, Optional, Union
 
 import attrs
 
+from bungate.config.fields import (
+    MAX_SECONDS,
+    SPEC,
+    Spec,
+    choice,
+    custom,
+    flag,
+    path,
+    port,
+    seconds,
+    section,
+    strings,
+    text,
+    whole,
+)
+from bungate.config.policy import (
+    AuthConfig,
+    CorsConfig,
+    HeaderRules,
+    RateLimitConfig,
+    RedisConfig,
+    SecurityHeadersConfig,
+)
+
 __all__ = [
     "BUILTIN_STRATEGIES",
     "DEFAULT_CONFIG",
@@ -59,95 +83,6 @@ BUILTIN_STRATEGIES = (
     "latency",
     "weighted-least-connections",
 )
-
-SPEC = "bungate"
-"""The metadata key under which a field's :class:`Spec` is stored."""
-
-
-@attrs.frozen
-class Spec:
-    """
-    How the parser reads one field.
-
-    :ivar kind: ``bool``, ``int``, ``seconds`` (a duration: a number of seconds or a
-        string with a unit), ``str``, ``choice``, ``path``, ``port``, ``strings``,
-        ``section`` (a nested section class) or ``custom`` (read by a function of its own
-        in :mod:`bungate.config.parse`).
-    :ivar minimum: the lowest value allowed (numbers).
-    :ivar maximum: the highest value allowed (numbers), or ``None``.
-    :ivar choices: the allowed values (``choice``).
-    """
-
-    kind: str
-    minimum: Any = None
-    maximum: Any = None
-    choices: tuple[str, ...] = ()
-
-
-def _field(spec: Spec, default: Any = attrs.NOTHING, factory: Any = None) -> Any:
-    if factory is not None:
-        return attrs.field(factory=factory, metadata={SPEC: spec})
-    return attrs.field(default=default, metadata={SPEC: spec})
-
-
-def flag(default: bool) -> Any:
-    """A ``true``/``false`` key."""
-    return _field(Spec("bool"), default)
-
-
-def whole(
-    default: Any, minimum: int = 0, maximum: Optional[int] = None, factory: Any = None
-) -> Any:
-    """A whole-number key."""
-    return _field(Spec("int", minimum, maximum), default, factory)
-
-
-#: The longest timeout or delay that makes sense: an hour. A bare number above a
-#: duration's maximum that fits once divided by 1000 is refused as likely milliseconds.
-MAX_SECONDS = 3600.0
-
-
-def seconds(default: float, minimum: float = 0.0, maximum: Optional[float] = MAX_SECONDS) -> Any:
-    """
-    A duration in seconds, at most ``maximum`` (``None``: no limit). Give a long-lived
-    duration a larger maximum rather than none, so that milliseconds are still caught.
-    """
-    return _field(Spec("seconds", minimum, maximum), default)
-
-
-def text(default: Optional[str]) -> Any:
-    """A non-empty string key."""
-    return _field(Spec("str"), default)
-
-
-def choice(default: str, choices: tuple[str, ...]) -> Any:
-    """One of a fixed set of strings."""
-    return _field(Spec("choice", choices=choices), default)
-
-
-def path(default: str) -> Any:
-    """A URL path starting with ``/``."""
-    return _field(Spec("path"), default)
-
-
-def port(default: int) -> Any:
-    """A TCP port, 0..65535 (0 picks a free one)."""
-    return _field(Spec("port", 0, 65535), default)
-
-
-def strings(default: Optional[tuple[str, ...]] = None) -> Any:
-    """A list of non-empty strings."""
-    return _field(Spec("strings"), default)
-
-
-def section(cls: type) -> Any:
-    """A nested section, read with the same rules."""
-    return _field(Spec("section"), factory=cls)
-
-
-def custom(default: Any = None, factory: Any = None) -> Any:
-    """A key with a reader of its own in :mod:`bungate.config.parse`."""
-    return _field(Spec("custom"), default, factory)
 
 
 def _cpu_count() -> int:
@@ -207,6 +142,15 @@ class ServerConfig:
     #: ``auto`` (on where measured to pay: PyPy), ``on`` or ``off`` (YAML's ``true`` /
     #: ``false`` too): see :mod:`bungate.http.transport`.
     eager_writes: str = custom("auto")
+    #: addresses and CIDR networks of the proxies in front of the gateway, whose
+    #: forwarding header names the client (nobody by default: the peer is the client).
+    trusted_proxies: tuple[str, ...] = custom(())
+    #: the header trusted proxies name the client in: ``x-forwarded-for`` or ``forwarded``.
+    forwarded_header: str = choice("x-forwarded-for", ("x-forwarded-for", "forwarded"))
+    #: every connection starts with a PROXY protocol v1/v2 header (HAProxy, AWS NLB).
+    proxy_protocol: bool = flag(False)
+    #: open WebSocket (and other upgraded) tunnels per worker, at most.
+    max_tunnels_per_worker: int = whole(1024, minimum=1)
     tls: TLSConfig = section(TLSConfig)
 
 
@@ -344,6 +288,24 @@ class RouteConfig:
     middlewares: tuple[str, ...] = custom(())
     tls_verify: bool = flag(True)
     ca_file: Optional[str] = text(None)
+    #: the route's policy; ``false`` turns the top-level default off for this route.
+    auth: Union[AuthConfig, bool, None] = custom(None)
+    rate_limit: Union[RateLimitConfig, bool, None] = custom(None)
+    cors: Union[CorsConfig, bool, None] = custom(None)
+    security_headers: Union[SecurityHeadersConfig, bool, None] = custom(None)
+    #: drop the pattern's fixed prefix from the path sent upstream (``/api/*`` sends
+    #: ``/api/users`` as ``/users``).
+    strip_prefix: bool = flag(False)
+    #: ``{regex: replacement}``, applied in order to the normalized path sent upstream.
+    path_rewrite: tuple[tuple[str, str], ...] = custom(())
+    request_headers: HeaderRules = section(HeaderRules)
+    response_headers: HeaderRules = section(HeaderRules)
+    #: ``before_request``, ``after_response``, ``on_error``: ``module:callable`` (or a
+    #: callable, from Python).
+    hooks: tuple[tuple[str, Any], ...] = custom(())
+    #: proxy ``Upgrade: websocket`` requests (the upstream's 101 opens a tunnel).
+    websocket: bool = flag(True)
+    websocket_idle_timeout: float = seconds(3600.0, minimum=1.0, maximum=7 * 24 * 3600.0)
 
 
 @attrs.frozen
@@ -357,6 +319,13 @@ class GatewayConfig:
     health: HealthConfig = section(HealthConfig)
     routes: tuple[RouteConfig, ...] = custom(())
     middlewares: tuple[str, ...] = custom(())
+    #: the defaults of every route (a route's own, or its ``false``, wins).
+    auth: Optional[AuthConfig] = custom(None)
+    rate_limit: Optional[RateLimitConfig] = custom(None)
+    cors: Optional[CorsConfig] = custom(None)
+    security_headers: SecurityHeadersConfig = custom(factory=SecurityHeadersConfig)
+    hooks: tuple[tuple[str, Any], ...] = custom(())
+    redis: RedisConfig = section(RedisConfig)
     #: where the config was read from (a file path, or ``<dict>``); not a YAML key.
     source: str = "<defaults>"
 

@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional, TypeVar
 import attrs
 
 from bungate.config.errors import ConfigError, ConfigErrors
+from bungate.config.fields import SPEC, Spec
 from bungate.config.reader import Reader as _Reader
-from bungate.config.schema import SPEC, Spec
 
 __all__ = [
     "CHECKS",

@@ -9,7 +9,8 @@ import pytest
 
 from bungate.config import ConfigError, GatewayConfig, parse_config
 from bungate.config.convert import from_json, to_json
-from bungate.config.schema import SPEC, LoadBalancerConfig, RouteConfig
+from bungate.config.fields import SPEC
+from bungate.config.schema import LoadBalancerConfig, RouteConfig
 
 HINT = (
     "gw.yaml: cluster.shutdown_timeout: 30000 seconds is more than 3600 s; durations are in "
