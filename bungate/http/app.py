@@ -57,6 +57,7 @@ class GatewayApp:
     :param status: returns the process's health document (``/health``).
     :param worker_id: this worker's id, for the access log (``None`` in a single process).
     :param names: ``{copy: original}`` of the certificate copies the config points at.
+    :param limit_table: see :attr:`limit_table`.
     """
 
     def __init__(
@@ -67,8 +68,12 @@ class GatewayApp:
         status: Callable[[], dict[str, Any]],
         worker_id: Optional[str] = None,
         names: Mapping[str, str] = {},
+        limit_table: Optional[Any] = None,
     ) -> None:
         self.config = config
+        #: the fleet's shared rate-limit table (``rate_limit.backend: local``), or
+        #: ``None`` (a private one is made when a route needs it).
+        self.limit_table = limit_table
         self.names = dict(names)
         self.logs = config.logger.request_logging
         #: whether connections use the eager writes (``server.eager_writes``).
