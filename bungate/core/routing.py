@@ -158,5 +158,12 @@ class Router(Generic[R]):
                     return Match(hit[1], hit[0], {})
         return None
 
+    def routes(self) -> list[R]:
+        """Every route added, exact ones first, then parameterised, then prefixes."""
+        found = [r for _, r in self._exact.values()]
+        found += [r for _, r in self._params]
+        found += [r for _, r in self._prefixes.values()]
+        return found
+
     def __len__(self) -> int:
         return len(self._texts)

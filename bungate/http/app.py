@@ -152,10 +152,21 @@ class GatewayApp:
         return fixed
 
     def main_factory(self) -> Any:
-        """The factory of the main listener: the site, behind TLS when enabled."""
-        if not self.config.server.tls.enabled:
-            return self.site
-        return server_tls_factory(self.config.server.tls, self.site, self.names)
+        """
+        The factory of the main listener: the site, behind TLS when enabled, behind the
+        PROXY protocol (``server.proxy_protocol``: its header comes before TLS).
+        """
+        factory: Any = self.site
+        if self.config.server.tls.enabled:
+            factory = server_tls_factory(self.config.server.tls, self.site, self.names)
+        if self.config.server.proxy_protocol:
+            # Twisted's own v1/v2 parser; a connection without a valid header is closed.
+            # The address it carries is the client's (the balancer in front is trusted by
+            # being configured so), and replaces the peer everywhere.
+            from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+            factory = HAProxyWrappingFactory(factory)
+        return factory
 
     def extra_factory(self, name: str) -> Optional[Any]:
         """The factory of an extra listener: ``redirect`` (HTTP → HTTPS) or ``metrics``."""

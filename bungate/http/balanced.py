@@ -34,7 +34,7 @@ from bungate.http.healthcheck import HealthChecker, Probe
 from bungate.http.middleware import lookup
 from bungate.http.plugins import find_strategy
 from bungate.http.proxy import ReverseProxy
-from bungate.http.site import GatewayRequest, json_response
+from bungate.http.site import GatewayRequest, error_response
 from bungate.http.upstream.pool import UpstreamConnectTimeout
 from bungate.interfaces import IMiddleware, UpstreamRequest
 
@@ -147,7 +147,7 @@ class BalancedRoute:
         reason = "unhealthy" if all(not u.healthy for u in upstreams) else "circuit_open"
         if self.metrics is not None:
             self._publish_circuits()
-        json_response(
+        error_response(
             request,
             503,
             {

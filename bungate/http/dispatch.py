@@ -10,7 +10,7 @@ request. It also answers the built-in ``/health`` and (when metrics share the ma
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import attrs
@@ -19,12 +19,14 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from bungate.config import GatewayConfig, LoadBalancerConfig, RouteConfig, TargetConfig
+from bungate.core.clientaddr import TrustedProxies, client_address
 from bungate.core.routing import Router
 from bungate.core.target import Target, TargetError, normalize_target, parse_host
 from bungate.http.balanced import BalancedRoute
 from bungate.http.handlers import call_handler, resolve_handler
 from bungate.http.healthcheck import HealthProbes
 from bungate.http.middleware import make_middlewares, middleware_failed, run_request_middlewares
+from bungate.http.policy.route import Refusal, RoutePolicy
 from bungate.http.proxy import ReverseProxy, client_headers
 from bungate.http.site import GatewayRequest, json_response
 from bungate.interfaces import IMiddleware, UpstreamRequest
@@ -51,6 +53,7 @@ class Route:
     :ivar middlewares: the route's own middlewares (run after the gateway-wide ones).
     :ivar chain: gateway-wide then route middlewares, for ``process_response``; ``None``
         when empty, which keeps the request path free of middleware work.
+    :ivar policy: see :mod:`bungate.http.policy.route`.
     """
 
     label: str
@@ -62,6 +65,10 @@ class Route:
     balanced: Optional[BalancedRoute] = None
     middlewares: Sequence[IMiddleware] = ()
     chain: Optional[Sequence[IMiddleware]] = None
+    #: the route's access and traffic policy, or ``None`` when it has none.
+    policy: Optional[RoutePolicy] = None
+    #: whether requests take the middleware/policy path (else the direct one).
+    slow: bool = False
 
 
 class Dispatcher:
@@ -91,8 +98,13 @@ class Dispatcher:
         tls_policy: Any = None,
         access_log: Optional[Callable[..., None]] = None,
         proxy: Optional[ReverseProxy] = None,
+        limits: Any = None,
+        names: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.config = config
+        #: the worker's rate-limit backends (:mod:`bungate.http.policy.ratelimit`).
+        self.limits = limits
+        self.names = dict(names or {})
         self.reactor = reactor
         self.clock: Any = reactor  # IReactorTime (typed Any: its zope methods lack self)
         self.status = status or (lambda: {"status": "ok", "pid": os.getpid()})
@@ -109,6 +121,10 @@ class Dispatcher:
             "path_params": server.path_params,
             "max_length": server.max_uri_length,
         }
+        #: who may name the client in a forwarding header (``None``: nobody).
+        self.trusted: Optional[TrustedProxies] = (
+            TrustedProxies.parse(server.trusted_proxies) if server.trusted_proxies else None
+        )
         self.router: Router[Route] = Router()
         self.health_path = config.health.path.encode() if config.health.enabled else None
         self.metrics_path = (
@@ -147,6 +163,17 @@ class Dispatcher:
         )
         if self.middlewares or r.middlewares:
             r.chain = (*self.middlewares, *r.middlewares)
+        policy = RoutePolicy(
+            route,
+            self.config,
+            index,
+            reactor=self.reactor,
+            limits=self.limits,
+            names=self.names,
+            normalize={k: v for k, v in self._normalize.items() if k != "max_length"},
+        )
+        r.policy = policy if policy.active else None
+        r.slow = r.chain is not None or r.policy is not None
         if route.target is not None and route.circuit_breaker.enabled:
             # A breaker on a single target: the same runtime as a one-target balancer, so
             # an open circuit answers 503 at once and shows in the circuit metrics.
@@ -194,6 +221,9 @@ class Dispatcher:
         self._closed = True
         for balanced in self.balanced:
             balanced.stop()
+        for route in self.router.routes():
+            if route.policy is not None:
+                route.policy.close()
 
     def close_connections(self) -> defer.Deferred[Any]:
         """Close the idle upstream connections (proxy and health probes), once drained."""
@@ -214,6 +244,8 @@ class Dispatcher:
         request.target = target
         request.uri = target.uri
         request.path = path = target.path
+        if self.trusted is not None:
+            self._client(request)
         if target.form == "asterisk":  # OPTIONS *: about the gateway, not a resource
             request.responseHeaders.setRawHeaders(b"allow", [_ALLOW_BUT_TRACE])
             request.setResponseCode(204)
@@ -243,7 +275,7 @@ class Dispatcher:
         request.params = match.params
         if self.metrics is not None:
             self.metrics.request_started()
-        if route.chain is not None:
+        if route.slow:
             self._with_middlewares(request, route)
             return
         if not self._allowed(request, route):
@@ -277,21 +309,48 @@ class Dispatcher:
             channel.valid_host = host
         return host
 
+    def _client(self, request: GatewayRequest) -> None:
+        """The real client, when the peer is a trusted proxy that names it."""
+        trusted = self.trusted
+        assert trusted is not None
+        peer = getattr(super(GatewayRequest, request).getClientAddress(), "host", None)
+        if peer is None or not trusted.contains(peer):
+            return
+        request.trusted_peer = True
+        header = self.config.server.forwarded_header
+        values = request.requestHeaders.getRawHeaders(header.encode("ascii"))
+        if values:
+            request.client_ip = client_address(peer, values, trusted, header=header)
+
     def _allowed(self, request: GatewayRequest, route: Route) -> bool:
         """The route's ``methods``; ``TRACE`` only where a route names it."""
         if route.methods is not None:
             return request.method in route.methods
         return request.method != b"TRACE"
 
-    def refuse(self, request: GatewayRequest, status: int, reason: str, message: str = "") -> None:
+    def refuse(
+        self,
+        request: GatewayRequest,
+        status: int,
+        reason: str,
+        message: str = "",
+        body: Optional[dict[str, Any]] = None,
+    ) -> None:
         """Answer a request the gateway refuses, with the reason and the request id."""
         request.refused = reason
-        body: dict[str, Any] = {"error": reason}
-        if message:
-            body["message"] = message
-        if request.request_id:
-            body["request_id"] = request.request_id.decode("latin-1")
+        if body is None:
+            body = {"error": reason}
+            if message:
+                body["message"] = message
+            if request.request_id:
+                body["request_id"] = request.request_id.decode("latin-1")
         json_response(request, status, body)
+
+    def _refuse_policy(self, request: GatewayRequest, refusal: Refusal) -> None:
+        headers = request.responseHeaders
+        for name, value in refusal.headers:
+            headers.setRawHeaders(name, [value])
+        self.refuse(request, refusal.status, refusal.reason, body=refusal.body)
 
     def _answer(
         self, request: GatewayRequest, route: Route, upstream: Optional[UpstreamRequest]
@@ -321,8 +380,10 @@ class Dispatcher:
 
     def _with_middlewares(self, request: GatewayRequest, route: Optional[Route]) -> None:
         """
-        The request path when middlewares are configured: the gateway-wide ones, then
-        (unless they answered) 404/405, the route's ones, then the handler or the proxy.
+        The request path when middlewares or a policy are configured: the gateway-wide
+        middlewares, then (unless they answered) 404, the route's policy (CORS preflight,
+        405, auth, rate limit, ``before_request``), the route's middlewares, the upstream
+        request's rewrites, then the handler or the proxy.
 
         :param route: the matched route, or ``None`` (answered 404 after the gateway-wide
             middlewares let it through).
@@ -332,15 +393,43 @@ class Dispatcher:
             headers.addRawHeader(name, value)
         upstream = UpstreamRequest(request.method, request.uri, headers)
 
+        def gone() -> bool:
+            return bool(request._disconnected or request.finished)
+
         def after_global(answered: bool) -> Any:
-            if answered or request._disconnected or request.finished:
+            if answered or gone():
                 return None
             if route is None:
                 self.refuse(request, 404, "not_found")
                 return None
+            policy = route.policy
+            if policy is not None:
+                refusal = policy.start(request)
+                if refusal is not None:
+                    self._refuse_policy(request, refusal)
+                    return None
+                if gone():  # a CORS preflight, answered
+                    return None
             if not self._allowed(request, route):
                 self._not_allowed(request, route)
                 return None
+            if policy is not None and policy.checks_requests:
+                checked = policy.check(request, upstream)
+                if isinstance(checked, defer.Deferred):
+                    request.on_abort = checked.cancel
+                    return checked.addCallback(after_policy)
+                return after_policy(checked)
+            return after_policy(None)
+
+        def after_policy(refusal: Optional[Refusal]) -> Any:
+            request.on_abort = None
+            if refusal is not None:
+                if not gone():
+                    self._refuse_policy(request, refusal)
+                return None
+            if gone():
+                return None
+            assert route is not None
             if not route.middlewares:
                 return after_route(False)
             d = run_request_middlewares(route.middlewares, request, upstream)
@@ -349,9 +438,15 @@ class Dispatcher:
 
         def after_route(answered: bool) -> None:
             request.on_abort = None
-            if answered or request._disconnected or request.finished:
+            if answered or gone():
                 return
             assert route is not None
+            if route.policy is not None:
+                try:
+                    route.policy.prepare(upstream)
+                except ValueError:
+                    middleware_failed(request, "request")
+                    return
             self._answer(request, route, upstream)
 
         def failed(reason: Failure) -> None:

@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 
 from bungate.config import ConfigError, GatewayConfig
 from bungate.http.plugins import find_middleware, find_strategy
-from bungate.http.site import GatewayRequest, json_response
+from bungate.http.site import GatewayRequest, error_response
 from bungate.interfaces import IMiddleware, UpstreamRequest
 
 __all__ = [
@@ -43,8 +43,7 @@ def check_plugins(config: GatewayConfig) -> None:
     :raises ConfigError: naming the key of the first unknown name, with the list of
         installed plugins of that kind.
     """
-    for j, name in enumerate(config.middlewares):
-        lookup(config.source, f"middlewares[{j}]", find_middleware, name)
+    make_middlewares(config.source, "middlewares", config.middlewares)
     for i, route in enumerate(config.routes):
         if route.load_balancer is not None:
             lookup(
@@ -53,8 +52,7 @@ def check_plugins(config: GatewayConfig) -> None:
                 find_strategy,
                 route.load_balancer.strategy,
             )
-        for j, name in enumerate(route.middlewares):
-            lookup(config.source, f"routes[{i}].middlewares[{j}]", find_middleware, name)
+        make_middlewares(config.source, f"routes[{i}].middlewares", route.middlewares)
 
 
 def lookup(source: str, key: str, find: Any, name: str) -> Any:
@@ -69,16 +67,27 @@ def lookup(source: str, key: str, find: Any, name: str) -> Any:
         raise ConfigError(source, key, str(e.args[0] if e.args else e)) from None
 
 
-def make_middlewares(source: str, key: str, names: Iterable[str]) -> list[IMiddleware]:
+def make_middlewares(source: str, key: str, names: Iterable[Any]) -> list[IMiddleware]:
     """
-    Make the middlewares a config list names (one fresh object per name).
+    Make the middlewares a config list names (one fresh object per plugin name): plugin
+    names, ``module:callable`` strings and Python objects
+    (:func:`bungate.http.policy.hooks.resolve_middleware`).
 
     :param source: the config's source, for errors.
     :param key: the list's dotted key, e.g. ``routes[2].middlewares``.
     :param names: the names, in order.
-    :raises ConfigError: for the first unknown name.
+    :raises ConfigError: for the first unknown name or failed import.
     """
-    return [lookup(source, f"{key}[{j}]", find_middleware, n)() for j, n in enumerate(names)]
+    from bungate.http.policy.hooks import resolve_middleware
+
+    made: list[IMiddleware] = []
+    for j, spec in enumerate(names):
+        where = f"{key}[{j}]"
+        middleware = resolve_middleware(spec, source, where)
+        if middleware is None:
+            middleware = lookup(source, where, find_middleware, spec)()
+        made.append(middleware)
+    return made
 
 
 def run_request_middlewares(
@@ -138,8 +147,9 @@ def middleware_failed(
         uri=request.uri.decode("latin-1"),
         request_id=request.request_id.decode("latin-1"),
     )
-    json_response(
+    error_response(
         request,
         500,
         {"error": "middleware_error", "request_id": request.request_id.decode("latin-1")},
+        reason,
     )

@@ -17,11 +17,11 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client
+from twisted.web import client, server
 
 from bungate.core.http1 import HOP_BY_HOP, NO_BODY_STATUS, origin_form, serialize_head
 from bungate.http.middleware import middleware_failed, run_response_middlewares
-from bungate.http.site import GatewayRequest, json_response
+from bungate.http.site import GatewayRequest, error_response
 from bungate.http.upstream.pool import (
     UpstreamClient,
     UpstreamConnectTimeout,
@@ -50,6 +50,8 @@ _GATEWAY_SET = frozenset(
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"x-real-ip",
+        b"forwarded",
     }
 )
 _REQUEST_SKIP = HOP_BY_HOP | _GATEWAY_SET
@@ -79,6 +81,8 @@ def client_headers(request: Any, underscores: bool = False) -> list[tuple[bytes,
         for value in values:
             lines.append((name, value))
     return lines
+
+
 # What a middleware may leave in the upstream request line (RFC 9110 token, origin-form).
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
@@ -170,17 +174,33 @@ class ReverseProxy:
         request.upstream = target.decode("ascii")
         host_header, prefix = self.upstreams.head_for(target)
         lines[0] = (b"Host", host_header)
-        prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        peer = getattr(request.getClientAddress(), "host", None)
+        # The forwarding headers are ours: a client's copies are dropped, unless the
+        # connection comes from a trusted proxy (server.trusted_proxies), whose hops
+        # are kept and extended.
+        trusted = request.trusted_peer
+        incoming = request.requestHeaders
+        prior = incoming.getRawHeaders(b"x-forwarded-for") if trusted else None
+        peer = getattr(server.Request.getClientAddress(request), "host", None)
         if peer is not None:
             forwarded = (b", ".join(prior) + b", " if prior else b"") + peer.encode("ascii")
             lines.append((b"X-Forwarded-For", forwarded))
         elif prior:
             lines.extend((b"X-Forwarded-For", v) for v in prior)
-        lines.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
+        proto = incoming.getRawHeaders(b"x-forwarded-proto") if trusted else None
+        lines.append(
+            (
+                b"X-Forwarded-Proto",
+                proto[0] if proto else b"https" if request.isSecure() else b"http",
+            )
+        )
         host = getattr(request, "host", None)
         if host:
             lines.append((b"X-Forwarded-Host", host))
+        client = request.client_ip or peer
+        if client is not None:
+            lines.append((b"X-Real-IP", client.encode("ascii")))
+        if trusted:
+            lines.extend((b"Forwarded", v) for v in incoming.getRawHeaders(b"forwarded") or ())
         lines.append((b"X-Request-Id", request.request_id))
 
         body: Any = None
@@ -236,7 +256,7 @@ class ReverseProxy:
             error=reason.getErrorMessage(),
             request_id=request.request_id.decode("latin-1"),
         )
-        json_response(
+        error_response(
             request,
             status,
             {
@@ -244,6 +264,7 @@ class ReverseProxy:
                 "reason": kind,
                 "request_id": request.request_id.decode("latin-1"),
             },
+            reason,
         )
 
 

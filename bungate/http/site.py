@@ -26,7 +26,7 @@ import json
 import time
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer, task
+from twisted.internet import address, defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -42,6 +42,7 @@ __all__ = [
     "GatewaySite",
     "Limits",
     "SideSite",
+    "error_response",
     "json_response",
 ]
 
@@ -85,6 +86,24 @@ def json_response(request: http.Request, status: int, body: Any) -> None:
     request.finish()
 
 
+def error_response(request: Any, status: int, body: Any, reason: Optional[Failure] = None) -> None:
+    """
+    Answer an error of the request path (a 5xx: an upstream that failed, a middleware
+    that raised) as JSON, unless the route's ``on_error`` hook answers it itself.
+
+    :param reason: what went wrong, for the hook.
+    """
+    hook = getattr(request, "on_error", None)
+    if hook is not None:
+        request.on_error = None
+        try:
+            if hook(request, status, reason):
+                return
+        except Exception:
+            log.failure("The on_error hook failed on {uri}", uri=request.uri.decode("latin-1"))
+    json_response(request, status, body)
+
+
 class GatewayRequest(server.Request):
     """
     One request: body capped, dispatched without traversal, reported once when done.
@@ -107,6 +126,18 @@ class GatewayRequest(server.Request):
     host: Optional[bytes] = None
     #: why the gateway refused the request itself (``None`` when it did not).
     refused: Optional[str] = None
+    #: the real client's address when a trusted proxy (``server.trusted_proxies``) named
+    #: it; ``None``: the connection's peer is the client.
+    client_ip: Optional[str] = None
+    #: whether the connection's peer is a trusted proxy (its forwarding headers count).
+    trusted_peer = False
+    #: who the caller is once a route's auth passed (:class:`bungate.http.policy.auth.Identity`).
+    identity: Any = None
+    #: called with the request just before its status line and headers are written
+    #: (the route's response policy: CORS, security and rate-limit headers, header rules).
+    before_headers: Optional[Callable[[GatewayRequest], None]] = None
+    #: ``on_error(request, status, failure) -> answered``: the route's ``on_error`` hook.
+    on_error: Optional[Callable[..., bool]] = None
     _received = 0
     _reported = False
     started = 0.0
@@ -161,9 +192,25 @@ class GatewayRequest(server.Request):
         )
         json_response(self, 500, {"error": "internal_error"})
 
+    def getClientAddress(self) -> Any:
+        """The client: the connection's peer, or who a trusted proxy said it serves."""
+        peer = super().getClientAddress()
+        ip = self.client_ip
+        if ip is None or getattr(peer, "host", None) == ip:
+            return peer
+        kind = address.IPv6Address if ":" in ip else address.IPv4Address
+        return kind("TCP", ip, getattr(peer, "port", 0))
+
     def write(self, data: bytes) -> None:
-        """On the first write while draining, ask the client to close the connection."""
+        """
+        Before the first write: the route's response policy, and while draining ask the
+        client to close the connection.
+        """
         if not self.startedWriting:
+            hook = self.before_headers
+            if hook is not None:
+                self.before_headers = None
+                hook(self)
             channel = self.channel
             if channel is not None and channel.site.draining:  # type: ignore[attr-defined]
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])

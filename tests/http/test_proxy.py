@@ -119,15 +119,20 @@ def test_target_base_path_is_prepended(gateway):
 
 
 @pytest_twisted.inlineCallbacks
-def test_forwarded_for_is_appended_and_hop_by_hop_request_headers_dropped(gateway):
+def test_a_clients_forwarding_headers_are_replaced_and_hop_by_hop_ones_dropped(gateway):
+    """No trusted proxies: a client cannot name its own address, or pretend TLS."""
     req = (
         b"GET /api/h HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.1.1.1\r\n"
+        b"X-Real-IP: 10.2.2.2\r\nForwarded: for=10.3.3.3\r\nX-Forwarded-Proto: https\r\n"
         b"Connection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
         b"Proxy-Authorization: Basic eA==\r\nX-Normal: yes\r\n\r\n"
     )
     body = split((yield threads.deferToThread(raw_request, gateway.port, req)))[2]
     headers = json.loads(body)["headers"]
-    assert headers["x-forwarded-for"] == ["10.1.1.1, 127.0.0.1"]
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-real-ip"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["http"]
+    assert "forwarded" not in headers
     assert headers["x-normal"] == ["yes"]
     for dropped in ("x-secret-hop", "keep-alive", "te", "proxy-authorization"):
         assert dropped not in headers
