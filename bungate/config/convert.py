@@ -46,7 +46,7 @@ def _policy(cls: type) -> Callable[[Any, Any], Any]:
 
 for _cls in (AuthConfig, RateLimitConfig, CorsConfig, SecurityHeadersConfig):
     _converter.register_structure_hook(Union[_cls, bool, None], _policy(_cls))
-_converter.register_structure_hook(Any, lambda value, _: value)
+
 
 
 def to_json(config: GatewayConfig) -> str:
