@@ -1,15 +1,19 @@
-"""The contenders: the nginx upstream, nginx as a proxy, Twisted's stock proxy, bungate.
+"""The contenders: the nginx upstream, nginx as a proxy, Twisted's stock proxy, bungate,
+and the Bun original bungate is modelled on.
 
 Each contender is a server on 127.0.0.1 that we start in its own session, wait for with a
 real request, load, measure through /proc, and kill with its whole process tree.
 """
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Dict, List, Optional, Tuple
 
 from . import probe, procs
@@ -18,6 +22,12 @@ BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 #: The PyPy environment ``bench/run --setup-pypy`` makes (git-ignored).
 PYPY_VENV = os.path.join(BENCH_DIR, ".pypy-venv")
+#: Where the Bun original's sources and setup.sh are, unless $BENCH_BUN_ORIGINAL_DIR says.
+BUN_ORIGINAL_DEFAULT = os.path.join(
+    os.path.dirname(REPO_DIR), "shared", "anchors", "bungate-original"
+)
+#: Seconds setup.sh may take (a first run installs Bun and dependencies from npm: ~5 s).
+BUN_SETUP_TIMEOUT = 120.0
 
 #: The upstream's body for ``GET /``: 13 bytes.
 BODY = "Hello, World!"
@@ -118,7 +128,11 @@ class Contender:
     def start(self) -> None:
         """Start the server (does not wait for it)."""
         self.check()
-        self.proc = procs.spawn(self.command(), self.log_path, cwd=REPO_DIR, env=self.env())
+        self.proc = procs.spawn(self.command(), self.log_path, cwd=self.cwd(), env=self.env())
+
+    def cwd(self) -> str:
+        """:return: the server's working directory (the repository, by default)."""
+        return REPO_DIR
 
     def env(self) -> Optional[Dict[str, str]]:
         """:return: the environment for the server; ``None`` inherits ours."""
@@ -423,6 +437,166 @@ class Bungate(Contender):
             return {f"{w['id']}/{w['pid']}": int(w["requests"]) for w in workers}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+class BunOriginal(Contender):
+    """
+    The Bun original (Bungate on Bun, from the anchors directory): ``bun gateway.ts``
+    with one route ``/*`` to the upstream and logging off, in one process
+    (``BUNGATE_WORKERS=0``) or in its own cluster mode (a master spawning N workers that
+    each listen on the port with ``SO_REUSEPORT``).
+    """
+
+    def __init__(self, workdir: str, upstream_port: int, workers: int) -> None:
+        """
+        :param workdir: a private temporary directory.
+        :param upstream_port: the upstream nginx's port.
+        :param workers: ``BUNGATE_WORKERS``: 0 for one process, else its cluster size.
+        """
+        super().__init__(workdir)
+        self.upstream_port = upstream_port
+        self.workers = workers
+        self.name = "bun-original" + (f"-{workers}" if workers else "")
+        self.dir: Optional[str] = None
+
+    def check(self) -> None:
+        """:raises Skip: when the anchors directory, node/npm or the setup is missing."""
+        prepared, reason = find_bun_original()
+        if prepared is None:
+            raise Skip(reason)
+        self.dir = prepared
+
+    def command(self) -> List[str]:
+        """:return: ``<dir>/node_modules/.bin/bun <dir>/gateway.ts``."""
+        assert self.dir is not None
+        return [_bun(self.dir), os.path.join(self.dir, "gateway.ts")]
+
+    def cwd(self) -> str:
+        """:return: the prepared directory."""
+        return self.dir or REPO_DIR
+
+    def env(self) -> Dict[str, str]:
+        """:return: our environment plus the gateway's settings (gateway.ts reads them)."""
+        return dict(
+            os.environ,
+            LOG_LEVEL="error",
+            GATEWAY_PORT=str(self.port),
+            UPSTREAM_URL=f"http://127.0.0.1:{self.upstream_port}",
+            BUNGATE_WORKERS=str(self.workers),
+        )
+
+    def wait_ready(self, timeout: float) -> float:
+        """
+        As for every server, then (cluster mode) until each worker listens: they each
+        open their own socket (``SO_REUSEPORT``) a moment after they exist, and the
+        kernel spreads new connections over the sockets that are there.
+        """
+        start = time.monotonic()
+        super().wait_ready(timeout)
+        if self.workers:
+            procs.wait_for(
+                lambda: len(procs.listeners(self.port, self.worker_pids())) >= self.workers,
+                timeout=timeout,
+            )
+        return time.monotonic() - start
+
+    def pids(self) -> List[int]:
+        """:return: the process tree of the root, and anything else in its process group."""
+        root = self.root_pid
+        if not root:
+            return []
+        tree = procs.process_tree(root)
+        return tree + [p for p in procs.group_members(root) if p not in tree]
+
+
+def bun_original_dir() -> str:
+    """:return: ``$BENCH_BUN_ORIGINAL_DIR``, else ``../shared/anchors/bungate-original``."""
+    return os.environ.get("BENCH_BUN_ORIGINAL_DIR") or BUN_ORIGINAL_DEFAULT
+
+
+def _bun(prepared: str) -> str:
+    return os.path.join(prepared, "node_modules", ".bin", "bun")
+
+
+def bun_original_cache(source: str) -> str:
+    """
+    Where setup.sh prepares the Bun original: kept between runs (setup.sh does nothing
+    more once it is there), and named after the anchors' ``SOURCE``, ``setup.sh`` and
+    ``gateway.ts`` so that new sources get a fresh directory.
+
+    :param source: the anchors directory.
+    :return: ``<tmp>/bungate-original-<hash>``.
+    """
+    digest = hashlib.sha256()
+    for name in ("SOURCE", "setup.sh", "gateway.ts"):
+        try:
+            with open(os.path.join(source, name), "rb") as f:
+                digest.update(f.read())
+        except OSError:
+            pass
+    return os.path.join(tempfile.gettempdir(), f"bungate-original-{digest.hexdigest()[:12]}")
+
+
+_BUN: Dict[str, Tuple[Optional[str], str]] = {}
+
+
+def find_bun_original(log=None) -> Tuple[Optional[str], str]:
+    """
+    Prepare the Bun original once per run (its setup.sh: Bun from npm, then its sources
+    built beside it) and say where.
+
+    :param log: progress output, if any (a first setup takes a few seconds).
+    :return: ``(prepared directory, "")``, or ``(None, why not)``: no anchors directory,
+        no node/npm, or setup.sh failed (e.g. the npm registry is unreachable).
+    """
+    if "result" in _BUN:
+        return _BUN["result"]
+    source = bun_original_dir()
+    setup = os.path.join(source, "setup.sh")
+    cache = bun_original_cache(source)
+    result: Tuple[Optional[str], str]
+    if not os.path.isfile(setup):
+        result = (None, f"no {setup} (set BENCH_BUN_ORIGINAL_DIR to the Bun original's anchors)")
+    elif not os.access(_bun(cache), os.X_OK) and not (shutil.which("node") and shutil.which("npm")):
+        result = (None, "node/npm are not on PATH (setup.sh installs Bun with npm)")
+    else:
+        if log is not None and not os.access(_bun(cache), os.X_OK):
+            log(f"preparing the Bun original (first time here): {setup} {cache}")
+        result = _run_setup(setup, cache)
+    _BUN["result"] = result
+    return result
+
+
+def _run_setup(setup: str, cache: str) -> Tuple[Optional[str], str]:
+    try:
+        out = subprocess.run(
+            ["bash", setup, cache],
+            capture_output=True,
+            text=True,
+            timeout=BUN_SETUP_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"{setup} {cache} took over {BUN_SETUP_TIMEOUT:.0f} s"
+    except OSError as e:
+        return None, f"{setup}: {e}"
+    lines = out.stdout.strip().splitlines()
+    prepared = lines[-1].strip() if lines else ""
+    if out.returncode != 0 or not os.access(_bun(prepared or cache), os.X_OK):
+        tail = " | ".join((out.stderr or out.stdout).strip().splitlines()[-3:]) or "no output"
+        return None, f"{setup} {cache} failed (exit {out.returncode}): {tail}"
+    return prepared, ""
+
+
+def bun_version(prepared: str) -> str:
+    """:return: ``bun --version`` of a prepared directory, or why not."""
+    try:
+        out = subprocess.run(
+            [_bun(prepared), "--version"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+    return out.stdout.strip() or "unavailable"
 
 
 def default_python() -> str:

@@ -3,12 +3,14 @@
 Everything here is Linux-only and stdlib-only: process trees come from
 ``/proc/<pid>/task/*/children``, memory from ``VmRSS`` in ``/proc/<pid>/status``, CPU time
 from ``utime + stime`` in ``/proc/<pid>/stat``, and socket ownership from ``/proc/net/tcp``
-matched against ``/proc/<pid>/fd``.
+matched against ``/proc/<pid>/fd``. Accept queues of listening sockets come from ``ss``
+(iproute2), when it is there.
 """
 
 import errno
 import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
 
 
 def free_port() -> int:
@@ -129,6 +132,29 @@ def process_tree(pid: int) -> List[int]:
     return tree
 
 
+def group_members(pgid: int) -> List[int]:
+    """
+    The processes of a process group (a server we spawned leads its own).
+
+    :param pgid: the group id (the pid of the process we started).
+    :return: pids whose group is ``pgid``, in pid order.
+    """
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # After the last ")": state, ppid, pgrp, ...
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return sorted(members)
+
+
 def cmdline(pid: int) -> str:
     """
     A process's command line, or its title if it set one (setproctitle).
@@ -229,6 +255,65 @@ def established_per_pid(pids: Iterable[int], server_port: int) -> Dict[int, int]
         if lport == server_port and state == TCP_ESTABLISHED
     }
     return {pid: len(_socket_inodes(pid) & conns) for pid in pids}
+
+
+def listeners(port: int, pids: Iterable[int]) -> List[int]:
+    """
+    Which of some processes hold a socket listening on a TCP port.
+
+    :param port: the port.
+    :param pids: the candidates (e.g. workers that each listen with ``SO_REUSEPORT``).
+    :return: those holding one, in the order given.
+    """
+    listening = {
+        inode
+        for lport, _rport, state, inode in _tcp_table()
+        if lport == port and state == TCP_LISTEN
+    }
+    return [pid for pid in pids if _socket_inodes(pid) & listening]
+
+
+def have_ss() -> bool:
+    """:return: whether ``ss`` (iproute2) is on PATH."""
+    return shutil.which("ss") is not None
+
+
+def _ss(args: Sequence[str]) -> List[str]:
+    out = subprocess.run(
+        ["ss", "-H", *args], capture_output=True, text=True, timeout=10, check=True
+    )
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def listen_queues(port: int) -> List[Dict[str, int]]:
+    """
+    The accept queues of the sockets listening on a TCP port (``ss -ltn``).
+
+    For a listening socket ``Recv-Q`` is the number of connections the kernel completed
+    and queued that no process has accepted yet, ``Send-Q`` the queue's limit (the
+    backlog). A server whose workers each listen (``SO_REUSEPORT``) has one per worker.
+
+    :param port: the port.
+    :return: ``[{"recv_q": queued, "send_q": backlog}, ...]``, one per listening socket.
+    :raises OSError: or ``subprocess`` errors when ``ss`` cannot run.
+    """
+    queues = []
+    for line in _ss(["-ltn", f"sport = :{port}"]):
+        parts = line.split()  # State Recv-Q Send-Q Local Peer
+        queues.append({"recv_q": int(parts[1]), "send_q": int(parts[2])})
+    return queues
+
+
+def established_count(port: int) -> int:
+    """
+    Established TCP connections whose local port is ``port``: the server side of every
+    client connection, accepted or still queued (``ss -tn state established``).
+
+    :param port: the server's port.
+    :return: the count.
+    :raises OSError: or ``subprocess`` errors when ``ss`` cannot run.
+    """
+    return len(_ss(["-tn", "state", "established", f"sport = :{port}"]))
 
 
 def server_of(client_port: int, server_port: int, pids: Iterable[int]) -> Optional[int]:

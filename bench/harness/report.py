@@ -10,6 +10,10 @@ TITLES = {
     "slow": "Slow client reading 100 MiB through the proxy",
     "roll": "Rolling restarts under load",
     "kill": "kill -9 of one worker under load",
+    "c1000": "GET / from {c} connections at once, wrk -t2 -c{c}: req/s, accept queue, "
+    "connections per worker",
+    "roll-pypy": "One rolling restart (SIGUSR2) under load, second by second, wrk -t1 -c{c} "
+    "in back-to-back 1 s runs",
 }
 
 COLUMNS = {
@@ -34,6 +38,12 @@ COLUMNS = {
         "contender", "killed → new pid", "exit seen ms", "spawned ms", "ready ms",
         "serving ms", "errors", "socket c/r/w/t", "non-2xx/3xx", "req/s",
     ],
+    "c1000": [
+        "contender", "req/s", "p50 ms", "p99 ms", "timeouts", "errors", "socket c/r/w/t",
+        "unaccepted @1s", "unaccepted @mid", "backlog", "held per worker @1s",
+        "held per worker @mid", "RSS MiB",
+    ],
+    "roll-pypy": ["second", "from s", "req/s", "p99 ms", "errors", "event"],
 }  # fmt: skip
 
 
@@ -53,11 +63,16 @@ def _ms(value: Optional[float]) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
-def _label(title: str, index: int) -> str:
-    """A short name for a process: M (master), w1 (bungate worker 1), w (nginx worker)."""
+def _label(title: str, index: int, count: int = 1) -> str:
+    """
+    A short name for a process: M (master), w1 (bungate worker 1), w (nginx worker);
+    the Bun original's (all ``bun gateway.ts``): M and w1, w2, ... in its cluster mode.
+    """
     m = re.search(r"bungate worker (\S+)", title)
     if m:
         return f"w{m.group(1)}"
+    if title.endswith("gateway.ts") and count > 1:
+        return "M" if index == 0 else f"w{index}"
     if title.startswith(("bungate master", "nginx: master")):
         return "M"
     if title.startswith("nginx: worker"):
@@ -67,7 +82,7 @@ def _label(title: str, index: int) -> str:
 
 def _per_process(memory: Dict[str, object]) -> str:
     parts = [
-        f"{_label(p['title'], i)} {p['kib'] / 1024:.0f}"
+        f"{_label(p['title'], i, len(memory['per_process']))} {p['kib'] / 1024:.0f}"
         for i, p in enumerate(memory["per_process"])
     ]
     return " / ".join(parts) or "-"
@@ -136,27 +151,112 @@ def _row(scenario: str, name: str, r: Dict[str, object]) -> List[str]:
             f"{_ms(r['serving_ms'])} ({r['serving_seen_by']})", str(r["errors"]),
             _socket(r), str(r["non_2xx_3xx"]), _num(r["rps"]),
         ]  # fmt: skip
+    if scenario == "c1000":
+        samples = r["samples"]
+        one, mid = samples.get("at_1s") or {}, samples.get("mid") or {}
+        return [
+            name, _num(r["rps"]), _ms(r["latency_ms"].get("p50")),
+            _ms(r["latency_ms"].get("p99")), str(r["socket_errors"]["timeout"]),
+            str(r["errors"]), _socket(r), _queued(one, r["ss"]), _queued(mid, r["ss"]),
+            _backlog(mid or one, r["ss"]), _shares(one.get("held"), False),
+            _shares(mid.get("held"), False), _mib(r["memory"]["total_kib"]),
+        ]  # fmt: skip
     raise ValueError(scenario)
+
+
+def _queued(sample: Dict[str, object], ss: bool) -> str:
+    """Unaccepted connections (Recv-Q of the listening sockets, summed; each in brackets
+    when there are several, one per worker with SO_REUSEPORT)."""
+    if not ss:
+        return "n/a (no ss)"
+    listen = sample.get("listen")
+    if not listen:
+        return "-" if not sample else f"? ({sample.get('ss_error', 'no listener')})"
+    total = str(sample["unaccepted"])
+    if len(listen) > 1:  # type: ignore[arg-type]
+        total += " (" + " + ".join(str(q["recv_q"]) for q in listen) + ")"  # type: ignore
+    return total
+
+
+def _backlog(sample: Dict[str, object], ss: bool) -> str:
+    listen = sample.get("listen") if ss else None
+    if not listen:
+        return "-"
+    return " + ".join(str(q["send_q"]) for q in listen)  # type: ignore[union-attr]
+
+
+def _roll_pypy(name: str, r: Dict[str, object]) -> List[str]:
+    """The per-second table of ``roll-pypy`` for one contender, and its summary line."""
+    cols = COLUMNS["roll-pypy"]
+    lines = [
+        f"{name}, {r['signal']} at {r['signal_at_s']:.1f} s, as second "
+        f"{r['signal_second']} started:",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    for row in r["seconds"]:  # type: ignore[union-attr]
+        events = ", ".join(row["events"])
+        if row.get("events_after"):
+            events += ("; " if events else "") + "after the last run: "
+            events += ", ".join(row["events_after"])
+        if row.get("wrk_error"):
+            events = f"wrk failed: {row['wrk_error']}; {events}"
+        cells = [
+            str(row["second"]), f"{row['from_s']:.1f}", _num(row["rps"]),
+            _ms((row.get("latency_ms") or {}).get("p99")),
+            "-" if row.get("errors") is None else str(row["errors"]), events,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    s = r["summary"]
+    ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}x"  # type: ignore[index]
+    worst = "-" if s["worst_ratio"] is None else f"{s['worst_ratio']:.2f}x"  # type: ignore
+    done = s["roll_done_ms"]  # type: ignore[index]
+    lines += [
+        "",
+        f"{name}: mean req/s in the {s['after_seconds']} s from the SIGUSR2 on: "  # type: ignore
+        f"{_num(s['after_mean_rps'])} vs {_num(s['before_mean_rps'])} in the "  # type: ignore
+        f"{s['before_seconds']} s before: **{ratio}**; worst second {worst}; "  # type: ignore
+        f"roll done {'-' if done is None else f'{done / 1e3:.1f} s'} after the signal "
+        f"(master log); errors {s['errors']}; workers after {r['workers_after']}",  # type: ignore
+    ]
+    return lines
 
 
 def table(scenario: str, results: Dict[str, Dict[str, object]], connections: int) -> str:
     """
     One scenario as a markdown table with a heading.
 
-    :param scenario: ``get``, ``1mib``, ``slow``, ``roll`` or ``kill``.
+    :param scenario: one of ``bench/run``'s scenarios.
     :param results: ``{contender name: result}`` from the scenario.
     :param connections: wrk's connection count, for the heading.
     :return: markdown text.
     """
+    lines = [f"### {TITLES[scenario].format(c=connections)}", ""]
+    if scenario == "roll-pypy":
+        for name, r in results.items():
+            if r["status"] == "ok":
+                lines += [*_roll_pypy(name, r), ""]
+            else:
+                lines += [f"{name}: {r['status']}: {_cell(r['reason'])}", ""]
+        return "\n".join(lines)
     cols = COLUMNS[scenario]
-    lines = [
-        f"### {TITLES[scenario].format(c=connections)}",
-        "",
+    lines += [
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" for _ in cols) + "|",
     ]
     for name, r in results.items():
         lines.append("| " + " | ".join(_cell(c) for c in _row(scenario, name, r)) + " |")
+    if scenario == "c1000":
+        if any(r["status"] == "ok" and not r["ss"] for r in results.values()):
+            lines += ["", "(ss is not on PATH: no accept-queue figures; apt-get install iproute2)"]
+        lines += [
+            "",
+            "unaccepted: connections the kernel completed that no process accepted yet "
+            "(`ss -ltn` Recv-Q of the listening sockets, one per worker with SO_REUSEPORT); "
+            "backlog: their limit (Send-Q); held: established connections in each worker's "
+            "descriptors; timeouts: wrk's (no answer within 2 s)",
+        ]
     return "\n".join(lines) + "\n"
 
 

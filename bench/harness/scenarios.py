@@ -10,6 +10,7 @@ import resource
 import signal
 import socket
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -39,6 +40,15 @@ class Settings:
     roll_count: int = 8
     kill_duration: int = 10
     kill_timeout: float = 10.0
+    #: c1000: one wrk run of this many connections per contender.
+    c1000_connections: int = 1000
+    c1000_threads: int = 2
+    c1000_duration: int = 5
+    #: roll-pypy: back-to-back 1 s wrk runs, this many; SIGUSR2 as this one (0-based)
+    #: starts; the mean over this many runs from the signal on, against the runs before it.
+    roll_pypy_duration: int = 20
+    roll_pypy_second: int = 5
+    roll_pypy_window: int = 5
 
 
 class Memory:
@@ -538,12 +548,235 @@ def _replacement(
     return found if partial and found else None
 
 
+def _connections_now(contender: Contender, elapsed: float, ss: bool) -> Dict[str, object]:
+    """
+    Where the client connections are at this moment: queued in the kernel, unaccepted
+    (``ss -ltn``: ``Recv-Q`` of the listening sockets), and held by each worker (sockets
+    in its ``/proc/<pid>/fd`` matched with ``/proc/net/tcp``).
+
+    :param contender: a running contender.
+    :param elapsed: seconds since wrk started, for the record.
+    :param ss: whether ``ss`` is there (without it: ``None`` for its figures).
+    :return: ``{"at_s", "held", "listen", "unaccepted", "backlog", "established"}``.
+    """
+    sample: Dict[str, object] = {
+        "at_s": round(elapsed, 2),
+        "held": procs.established_per_pid(contender.worker_pids(), contender.port),
+        "listen": None,
+        "unaccepted": None,
+        "backlog": None,
+        "established": None,
+    }
+    if ss:
+        try:
+            queues = procs.listen_queues(contender.port)
+            sample["listen"] = queues
+            sample["unaccepted"] = sum(q["recv_q"] for q in queues)
+            sample["backlog"] = sum(q["send_q"] for q in queues)
+            sample["established"] = procs.established_count(contender.port)
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError) as e:
+            sample["ss_error"] = str(e)
+    return sample
+
+
+def many_connections(contender: Contender, settings: Settings) -> Dict[str, object]:
+    """
+    ``GET /`` from ``c1000_connections`` (1000) keep-alive connections at once.
+
+    Once at 1 s and once half-way through the run, look at where the connections are:
+    how many the kernel has completed but no process accepted yet (the listening
+    sockets' ``Recv-Q``), and how many each worker holds. wrk's descriptor limit is
+    raised for the run; the servers keep the one they inherited from us (recorded).
+
+    :param contender: a running contender.
+    :param settings: connections, threads, duration.
+    :return: wrk's figures, the two samples and the peak RSS.
+    """
+    seconds = settings.c1000_duration
+    conns = settings.c1000_connections
+    ss = procs.have_ss()
+    at = {"at_1s": 1.0, "mid": max(1.0, seconds / 2)}
+    samples: Dict[str, Dict[str, object]] = {}
+    memory = Memory(contender)
+
+    def tick(elapsed: float) -> None:
+        memory.sample()
+        for key, when in at.items():
+            if key not in samples and elapsed >= when:
+                same = [k for k in samples if at[k] == when]
+                samples[key] = (
+                    samples[same[0]] if same else _connections_now(contender, elapsed, ss)
+                )
+
+    proc = wrk.start(contender.url(PATH_SMALL), seconds, conns, settings.c1000_threads)
+    try:
+        _during(proc, tick, 0.05)
+        result = wrk.finish(proc, timeout=seconds + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    memory.sample()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "status": "ok",
+        "connections": conns,
+        "threads": settings.c1000_threads,
+        "duration_s": seconds,
+        "ss": ss,
+        "samples": samples,
+        "server_nofile": [soft, hard],
+        "server_alive": contender.alive(),
+        "workers_after": len(contender.worker_pids()),
+        "memory": memory.as_dict(),
+        **result.as_dict(),
+    }
+
+
+def _event_label(e: Dict[str, Any]) -> str:
+    """A master log event, short: ``roll-start``, ``w1 ready``, ``w2 exit``, ``roll-done``."""
+    kind = str(e["event"])
+    if kind.startswith("worker-"):
+        return f"w{e.get('worker_id', '?')} {kind[len('worker-') :]}"
+    return kind
+
+
+def roll_per_second(contender: Contender, settings: Settings) -> Dict[str, object]:
+    """
+    Requests per second, second by second, across one rolling restart.
+
+    After a warm-up (``warmup_pypy``: the JIT of the old workers is warm),
+    ``roll_pypy_duration`` back-to-back 1-second wrk runs (wrk reports no per-second
+    figures; a run's own ``Requests/sec`` is exact and a new run costs ~30 ms); one
+    ``SIGUSR2`` to the master just as run ``roll_pypy_second`` starts. Each second's row
+    is one wrk run (its req/s, errors and p99) with the master's events that fell in it,
+    from its JSON log. The summary compares the mean over ``roll_pypy_window`` runs from
+    the signal on with the mean of the runs before it: what the roll and the new, cold
+    workers cost.
+
+    :param contender: a running bungate (its PyPy variant: new workers start cold).
+    :param settings: durations, connections.
+    :return: ``seconds`` (one row per run), ``summary``, ``rolls``.
+    """
+    url = contender.url(PATH_SMALL)
+    if settings.warmup_pypy:
+        wrk.run(url, settings.warmup_pypy, settings.connections)
+    mark = _log_mark(contender)
+    state: Dict[str, Any] = {"sent": None, "sent_wall": None}
+    rows: List[Dict[str, Any]] = []
+    t0 = time.monotonic()
+    for i in range(settings.roll_pypy_duration):
+        if not contender.alive():
+            raise RuntimeError(f"the master exited{contender.log_tail()}")
+        row: Dict[str, Any] = {"second": i, "from_s": round(time.monotonic() - t0, 2)}
+        row["wall_start"] = time.time()
+        if i == settings.roll_pypy_second:
+            state["sent"], state["sent_wall"] = time.monotonic() - t0, time.time()
+            os.kill(contender.root_pid, signal.SIGUSR2)
+        proc = wrk.start(url, 1, settings.connections)
+        try:
+            result = wrk.finish(proc, timeout=15)
+            row.update(result.as_dict())
+        except wrk.WrkError as e:
+            row.update(rps=0.0, requests=0, errors=None, wrk_error=str(e))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        row["to_s"] = round(time.monotonic() - t0, 2)
+        row["wall_end"] = time.time()
+        rows.append(row)
+    if state["sent"] is None:
+        raise RuntimeError(
+            f"{settings.roll_pypy_duration} runs end before SIGUSR2 (run "
+            f"{settings.roll_pypy_second}) was due"
+        )
+    rolls = None
+    events: List[Dict[str, Any]] = []
+    if mark is not None:
+        procs.wait_for(lambda: _rolls(contender, mark)["busy"] == 0, timeout=30)
+        rolls = _rolls(contender, mark)
+        events = contender.events(mark)  # type: ignore[attr-defined]
+    _place_events(rows, events, state["sent_wall"])
+    return {
+        "status": "ok",
+        "signal": "SIGUSR2",
+        "signal_at_s": round(state["sent"], 2),
+        "signal_second": settings.roll_pypy_second,
+        "connections": settings.connections,
+        "seconds": rows,
+        "rolls": rolls,
+        "summary": _roll_summary(rows, state["sent_wall"], events, settings),
+        "workers_after": len(contender.worker_pids()),
+        "master_alive": contender.alive(),
+    }
+
+
+def _place_events(
+    rows: List[Dict[str, Any]], events: List[Dict[str, Any]], sent_wall: float
+) -> None:
+    """Put the signal and each master event in the row (second) it fell in: the first
+    run that ended after it (an event between two runs goes to the later one)."""
+    marks = [(sent_wall, "SIGUSR2 sent")]
+    marks += [(float(e["log_time"]), _event_label(e)) for e in events]
+    for row in rows:
+        row["events"] = []
+    for when, label in sorted(marks):
+        for row in rows:
+            if when < row["wall_end"]:
+                row["events"].append(label)
+                break
+        else:
+            rows[-1].setdefault("events_after", []).append(label)
+
+
+def _roll_summary(
+    rows: List[Dict[str, Any]],
+    sent_wall: float,
+    events: List[Dict[str, Any]],
+    settings: Settings,
+) -> Dict[str, Any]:
+    """
+    Mean req/s of the ``roll_pypy_window`` runs from the signal on against the runs
+    before it; the worst second after it; how long the roll took by the master's log.
+    """
+    first = settings.roll_pypy_second
+    before = [r["rps"] for r in rows[:first]]
+    after = [r["rps"] for r in rows[first : first + settings.roll_pypy_window]]
+    mean_before = statistics.mean(before) if before else None
+    mean_after = statistics.mean(after) if after else None
+    worst = min(after) if after else None
+    times = {e["event"]: float(e["log_time"]) for e in reversed(events)}  # first of each
+    done = next(
+        (float(e["log_time"]) for e in events if e["event"] in ("roll-done", "roll-aborted")),
+        None,
+    )
+    return {
+        "before_mean_rps": None if mean_before is None else round(mean_before, 1),
+        "before_seconds": len(before),
+        "after_mean_rps": None if mean_after is None else round(mean_after, 1),
+        "after_seconds": len(after),
+        "ratio": round(mean_after / mean_before, 3) if mean_before and after else None,
+        "worst_second_rps": worst,
+        "worst_ratio": round(worst / mean_before, 3) if mean_before and after else None,
+        "roll_start_ms": _ms_after(times.get("roll-start"), sent_wall),
+        "roll_done_ms": _ms_after(done, sent_wall),
+        "errors": sum(r.get("errors") or 0 for r in rows),
+    }
+
+
+def _ms_after(when: Optional[float], since: float) -> Optional[float]:
+    return None if when is None else round((when - since) * 1e3, 1)
+
+
 __all__ = [
     "PATH_1MIB",
     "Memory",
     "Settings",
     "kill_worker",
+    "many_connections",
     "roll",
+    "roll_per_second",
     "slow_client",
     "throughput",
 ]

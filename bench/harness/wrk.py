@@ -5,6 +5,7 @@ wrk prints sizes with binary prefixes (``1.00MB`` is 1024 * 1024 bytes) and time
 """
 
 import re
+import resource
 import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -110,21 +111,43 @@ def command(url: str, seconds: int, connections: int = 50, threads: int = 1) -> 
     ]
 
 
-def start(url: str, seconds: int, connections: int = 50) -> subprocess.Popen:
+def _raise_nofile(needed: int):
+    """
+    :param needed: descriptors wrk needs (one per connection, plus a few).
+    :return: a ``preexec_fn`` that raises wrk's soft ``RLIMIT_NOFILE`` towards the hard
+        limit (never past it, never lowering it), or ``None`` when it is already enough.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+
+    return preexec
+
+
+def start(url: str, seconds: int, connections: int = 50, threads: int = 1) -> subprocess.Popen:
     """
     Start wrk in its own session; collect it with :func:`finish`.
+
+    Its soft descriptor limit is raised (up to the hard limit) when ``connections`` need
+    more than ours allows, e.g. ``-c1000`` under the usual 1024.
 
     :param url: the URL to load.
     :param seconds: the duration.
     :param connections: concurrent connections.
+    :param threads: wrk threads.
     :return: the running wrk.
     """
     return subprocess.Popen(
-        command(url, seconds, connections),
+        command(url, seconds, connections, threads),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_raise_nofile(connections + 64),
         text=True,
     )
 
@@ -149,16 +172,17 @@ def finish(proc: subprocess.Popen, timeout: float) -> WrkResult:
     return parse(out)
 
 
-def run(url: str, seconds: int, connections: int = 50) -> WrkResult:
+def run(url: str, seconds: int, connections: int = 50, threads: int = 1) -> WrkResult:
     """
     Run wrk to completion.
 
     :param url: the URL to load.
     :param seconds: the duration.
     :param connections: concurrent connections.
+    :param threads: wrk threads.
     :return: the parsed figures.
     """
-    proc = start(url, seconds, connections)
+    proc = start(url, seconds, connections, threads)
     try:
         return finish(proc, timeout=seconds + 15)
     finally:
