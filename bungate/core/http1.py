@@ -98,7 +98,7 @@ class ResponseReceiver(Protocol):
 
 
 # Parser states.
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _CLOSE, _DONE = range(8)
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _CLOSE, _DONE, _UPGRADED = range(9)
 
 
 class ResponseParser:
@@ -143,7 +143,7 @@ class ResponseParser:
 
         :raises ProtocolError: when the bytes are not a valid HTTP/1.1 answer.
         """
-        if self._state == _DONE:
+        if self._state >= _DONE:
             self.leftover += data
             return
         if self._state == _LENGTH and not self._buffer:
@@ -279,6 +279,14 @@ class ResponseParser:
             headers.append((name, value))
         keep = status[0] == b"HTTP/1.1" and b"close" not in connection
         body_length: Optional[int]
+        if code == 101:
+            # Switching protocols: what follows the head is no longer HTTP. The parser
+            # stops here; the bytes already read are the new protocol's (leftover).
+            self.keep_alive = False
+            self._state = _UPGRADED
+            self.leftover, self._buffer = self._buffer, b""
+            self.receiver.response_head(code, phrase, headers, 0, connection)
+            return
         if self.method == b"HEAD" or code in NO_BODY_STATUS:
             body_length = 0
             self._state = _DONE

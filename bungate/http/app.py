@@ -21,6 +21,7 @@ from bungate.http.redirect import RedirectResource
 from bungate.http.site import GatewayRequest, GatewaySite, Limits, SideSite
 from bungate.http.tls import server_tls_factory
 from bungate.http.transport import eager_writes
+from bungate.http.tunnel import Tunnels
 from bungate.http.upstream.tls import upstream_tls_policy
 from bungate.ops.logging import access_logger, log_access
 from bungate.ops.metrics import GatewayMetrics
@@ -71,6 +72,7 @@ class GatewayApp:
         limit_table: Optional[Any] = None,
     ) -> None:
         self.config = config
+        self.reactor = reactor
         #: the fleet's shared rate-limit table (``rate_limit.backend: local``), or
         #: ``None`` (a private one is made when a route needs it).
         self.limit_table = limit_table
@@ -99,6 +101,11 @@ class GatewayApp:
             ),
             tls_policy=tls_policy,
         )
+        #: the WebSocket tunnels of this process.
+        self.tunnels = Tunnels(
+            reactor, max_open=config.server.max_tunnels_per_worker, idle_timeout=3600.0
+        )
+        self.dispatcher.proxy.tunnels = self.tunnels
         self.site = GatewaySite(
             self.dispatcher,
             reactor,
@@ -138,6 +145,7 @@ class GatewayApp:
             ),
             tls_policy=tls_policy,
         )
+        dispatcher.proxy.tunnels = self.tunnels
         self.dispatcher = dispatcher
         self.site.dispatch = dispatcher
         self.site.on_done = dispatcher.on_done
@@ -188,6 +196,13 @@ class GatewayApp:
         ``timeout`` seconds), then the idle upstream connections.
         """
         self.dispatcher.close()
+        tunnels = self.tunnels
+        # Open tunnels run until the deadline, then end with a 1001 close frame within a
+        # grace before it; new handshakes are refused at once (other workers take them).
+        tunnels.draining = True
+        if tunnels.open:
+            grace = min(5.0, timeout / 4)
+            self.reactor.callLater(max(0.0, timeout - grace), tunnels.going_away_all, grace)
         stops = [defer.maybeDeferred(p.stopListening) for p in ports]
         d: defer.Deferred[Any] = defer.gatherResults(stops)
         d.addCallback(lambda _: self.site.drain(timeout))

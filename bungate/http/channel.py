@@ -94,6 +94,8 @@ class GatewayChannel(http.HTTPChannel):
     _head_tail = b""  # the last bytes of the head so far, to see CRLF across reads
     _head_size = 0
     rejected = False
+    #: the connection became a WebSocket tunnel (the tunnel owns its transport now).
+    tunneled = False
     _linger: Any = None
 
     def getHost(self) -> Any:

@@ -273,6 +273,8 @@ class Dispatcher:
         route = match.route
         request.route = route.label
         request.params = match.params
+        if request.requestHeaders.hasHeader(b"upgrade"):
+            self._upgrade(request, route)
         if self.metrics is not None:
             self.metrics.request_started()
         if route.slow:
@@ -321,6 +323,36 @@ class Dispatcher:
         values = request.requestHeaders.getRawHeaders(header.encode("ascii"))
         if values:
             request.client_ip = client_address(peer, values, trusted, header=header)
+
+    def _upgrade(self, request: GatewayRequest, route: Route) -> None:
+        """
+        A WebSocket handshake (RFC 6455 §4.1) on a route that proxies them becomes a
+        tunnel if the upstream answers 101. Any other ``Upgrade`` (``h2c``, a handshake
+        on a route with ``websocket: false`` or a handler) is ignored, as RFC 9110
+        allows: ``Upgrade`` is hop-by-hop and never reaches the upstream, and the request
+        is served as plain HTTP/1.1.
+        """
+        if not route.config.websocket or route.handler is not None:
+            return
+        headers = request.requestHeaders
+        upgrade = {
+            t.strip().lower() for v in headers.getRawHeaders(b"upgrade", []) for t in v.split(b",")
+        }
+        connection = {
+            t.strip().lower()
+            for v in headers.getRawHeaders(b"connection", [])
+            for t in v.split(b",")
+        }
+        if (
+            request.method == b"GET"
+            and request.clientproto == b"HTTP/1.1"
+            and b"websocket" in upgrade
+            and b"upgrade" in connection
+            and headers.hasHeader(b"sec-websocket-key")
+            and headers.hasHeader(b"sec-websocket-version")
+        ):
+            request.websocket = True
+            request.websocket_idle_timeout = route.config.websocket_idle_timeout
 
     def _allowed(self, request: GatewayRequest, route: Route) -> bool:
         """The route's ``methods``; ``TRACE`` only where a route names it."""

@@ -21,7 +21,8 @@ from twisted.web import client, server
 
 from bungate.core.http1 import HOP_BY_HOP, NO_BODY_STATUS, origin_form, serialize_head
 from bungate.http.middleware import middleware_failed, run_response_middlewares
-from bungate.http.site import GatewayRequest, error_response
+from bungate.http.site import GatewayRequest, error_response, json_response
+from bungate.http.tunnel import channel_leftover
 from bungate.http.upstream.pool import (
     UpstreamClient,
     UpstreamConnectTimeout,
@@ -112,6 +113,9 @@ class ReverseProxy:
         self.metrics = metrics
         self.underscores = underscores
         #: the upstream connections (see :mod:`bungate.http.upstream.pool` for why not Agent).
+        #: the worker's WebSocket tunnels (:class:`bungate.http.tunnel.Tunnels`), set by
+        #: the app; ``None``: upgrades are refused.
+        self.tunnels: Any = None
         self.upstreams = UpstreamClient(
             reactor, max_idle_per_host=256, idle_timeout=60.0, tls_policy=tls_policy, eager=eager
         )
@@ -202,6 +206,10 @@ class ReverseProxy:
         if trusted:
             lines.extend((b"Forwarded", v) for v in incoming.getRawHeaders(b"forwarded") or ())
         lines.append((b"X-Request-Id", request.request_id))
+        if request.websocket:
+            # The handshake's hop-by-hop pair went with the client's headers: ours now.
+            lines.append((b"Connection", b"Upgrade"))
+            lines.append((b"Upgrade", b"websocket"))
 
         body: Any = None
         content = request.content
@@ -387,6 +395,9 @@ class _ProxySink:
     ) -> None:
         """Write the status line and headers; start streaming unless there is no body."""
         request = self.request
+        if code == 101:
+            self._switch(phrase, headers)
+            return
         if self.on_result is not None:
             self.on_result("ok", code)
         request.setResponseCode(code, phrase or None)
@@ -434,6 +445,58 @@ class _ProxySink:
                 self.timer = self.proxy.clock.callLater(self.timeout, self.time_is_up)
         else:
             self._cancel_timer()
+
+    def _switch(self, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """The upstream switched protocols (101): splice both connections together."""
+        request = self.request
+        self._cancel_timer()
+        request.on_abort = None
+        if not request.websocket:
+            # A 101 the gateway did not ask for: the upstream speaks something else now.
+            self.exchange.cancel()
+            self._failed(Failure(UpstreamError("the upstream switched protocols unasked")), False)
+            return
+        if self.on_result is not None:
+            self.on_result("ok", 101)
+        upstream, leftover = self.exchange.detach()
+        tunnels = self.proxy.tunnels
+        if tunnels is None or not tunnels.has_room:
+            upstream.abortConnection()
+            request.refused = "too_many_tunnels"
+            json_response(
+                request,
+                503,
+                {"error": "too_many_tunnels", "request_id": request.request_id.decode("latin-1")},
+            )
+            return
+        lines = [b"HTTP/1.1 101 " + (phrase or b"Switching Protocols")]
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _RESPONSE_HIDE and lower not in (b"connection", b"upgrade"):
+                continue
+            lines.append(name + b": " + value)
+        for name, values in request.responseHeaders.getAllRawHeaders():
+            if name.lower() in (b"server", b"date", b"x-request-id"):
+                lines.extend(name + b": " + v for v in values)
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        request.setResponseCode(101)
+        channel: Any = request.channel
+        channel.tunneled = True
+        if request in getattr(channel, "requests", ()):
+            channel.requests.remove(request)
+        client = channel.transport
+        tunnel = tunnels.try_open(
+            client,
+            upstream,
+            client_leftover=channel_leftover(channel),
+            upstream_leftover=leftover,
+            client_head=head,
+            idle_timeout=request.websocket_idle_timeout,
+        )
+        assert tunnel is not None  # has_room was checked just now
+        site: Any = channel.site
+        tunnel.when_closed().addBoth(lambda _: site.channel_closed(channel))
+        request.report_upgraded()
 
     def upstream_data(self, data: bytes) -> None:
         """Relay a piece of the body."""

@@ -138,6 +138,11 @@ class GatewayRequest(server.Request):
     before_headers: Optional[Callable[[GatewayRequest], None]] = None
     #: ``on_error(request, status, failure) -> answered``: the route's ``on_error`` hook.
     on_error: Optional[Callable[..., bool]] = None
+    #: a WebSocket handshake the route proxies (``websocket: true``): the upstream's 101
+    #: opens a tunnel (:mod:`bungate.http.tunnel`).
+    websocket = False
+    #: seconds a tunnel may stay silent (the route's ``websocket_idle_timeout``).
+    websocket_idle_timeout = 3600.0
     _received = 0
     _reported = False
     started = 0.0
@@ -216,6 +221,14 @@ class GatewayRequest(server.Request):
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
                 channel.persistent = False
         super().write(data)
+
+    def report_upgraded(self) -> None:
+        """The connection became a tunnel (101): report this request as done, once."""
+        self.finished = True
+        if not self._reported:
+            self._reported = True
+            site: Any = self.site
+            site.on_done(self, True)
 
     def finish(self) -> None:
         """Finish the response (a no-op for a client that has gone) and report it."""
@@ -340,7 +353,8 @@ class GatewaySite(server.Site):
             return self._drained.wait()
         self.draining = True
         for channel in list(self.channels):
-            if not channel.requests:
+            # A tunnel's connection is the tunnel's: it ends with its own drain.
+            if not channel.requests and not channel.tunneled:
                 channel.close_when_idle()
         deadline = self.clock.callLater(timeout, self._abort_all)
         d = self._drained.wait()
@@ -419,7 +433,7 @@ class GatewaySite(server.Site):
             )
         for channel in left:
             transport: Any = channel.transport
-            if transport is not None:
+            if transport is not None and not channel.tunneled:
                 transport.abortConnection()
         self.channels.clear()
         self.channel_closed(None)

@@ -655,11 +655,13 @@ class Tunnels:
         client_leftover: bytes = b"",
         upstream_leftover: bytes = b"",
         client_head: bytes = b"",
+        idle_timeout: Optional[float] = None,
     ) -> Optional[Tunnel]:
         """
         Open a tunnel between two connections, unless the cap is reached or the worker
         drains.
 
+        :param idle_timeout: this tunnel's, instead of the registry's.
         :returns: the :class:`Tunnel`; or ``None``, and then neither connection has been
             touched (the caller answers the client, e.g. 503, and closes the upstream).
         """
@@ -680,7 +682,7 @@ class Tunnels:
             client,
             upstream,
             clock=self.clock,
-            idle_timeout=self.idle_timeout,
+            idle_timeout=self.idle_timeout if idle_timeout is None else idle_timeout,
             on_closed=closed,
             client_leftover=client_leftover,
             upstream_leftover=upstream_leftover,

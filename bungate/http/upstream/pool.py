@@ -340,6 +340,25 @@ class Exchange:
         self.connection_header = connection
         self.sink.upstream_head(code, phrase, headers, length, producer)
 
+    def detach(self) -> tuple[Any, bytes]:
+        """
+        After a 101 answer: take this exchange's connection out of the pool for good.
+
+        :returns: the connection's transport and the bytes read after the 101 head; the
+            connection is never reused, and its protocol hears nothing more (the caller
+            takes the transport over, see :func:`bungate.http.tunnel.take_over`).
+        """
+        conn = self.connection
+        assert conn is not None
+        self.finished = True
+        self.connection = None
+        conn.exchange = None
+        conn.closed = True
+        conn.client.connections.discard(conn)
+        conn.client._forget(conn)
+        leftover, conn.parser.leftover = conn.parser.leftover, b""
+        return conn.transport, leftover
+
     def data(self, data: bytes) -> None:
         if not self.finished:
             self.sink.upstream_data(data)
