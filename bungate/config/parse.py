@@ -213,6 +213,22 @@ def _path_rewrite(r: _Reader, name: str) -> Any:
     return tuple(out)
 
 
+@_custom(TLSConfig, "alpn")
+def _alpn(r: _Reader, name: str) -> Any:
+    value = r.strings(name)
+    if value is None:
+        return attrs.NOTHING
+    known = ("h2", "http/1.1")
+    for i, protocol in enumerate(value):
+        if protocol not in known:
+            raise ConfigError(
+                r.source, f"{r.key(name)}[{i}]", f"must be h2 or http/1.1, got {protocol!r}"
+            )
+    if not value:
+        raise r.error(name, "must offer at least one protocol")
+    return value
+
+
 @_custom(ServerConfig, "trusted_proxies")
 def _trusted_proxies(r: _Reader, name: str) -> Any:
     value = r.strings(name)

@@ -112,6 +112,8 @@ class TLSConfig:
     #: SNI host name -> (cert, key) paths.
     certificates: Mapping[str, tuple[str, str]] = custom(factory=dict)
     redirect_http: Optional[RedirectConfig] = custom(None)
+    #: the application protocols ALPN offers, in the server's order of preference.
+    alpn: tuple[str, ...] = custom(("h2", "http/1.1"))
 
 
 @attrs.frozen
@@ -151,7 +153,16 @@ class ServerConfig:
     proxy_protocol: bool = flag(False)
     #: open WebSocket (and other upgraded) tunnels per worker, at most.
     max_tunnels_per_worker: int = whole(1024, minimum=1)
+    #: HTTP/2 with prior knowledge (h2c) on plain listeners, beside HTTP/1.1.
+    http2_cleartext: bool = flag(False)
+    #: concurrent HTTP/2 streams per connection, at most.
+    http2_max_streams: int = whole(128, minimum=1, maximum=1000)
     tls: TLSConfig = section(TLSConfig)
+    #: run the workers, and the master once its sockets are bound, as this user (the
+    #: master must start as root); its primary group unless ``group`` is given.
+    user: Optional[str] = text(None)
+    #: the group of the workers and of the master after binding (default: the user's).
+    group: Optional[str] = text(None)
 
 
 @attrs.frozen
@@ -183,6 +194,15 @@ class ClusterConfig:
     #: reports READY (the JIT compiles it while the old workers still serve): ``None``
     #: (``auto``) is 3 s on PyPy and none on CPython; ``0`` (``off``) none.
     warmup: Optional[float] = custom(None)
+    #: a UNIX socket (mode 0600) where the master serves its control API (``bungate``
+    #: status, scale, roll, reload, stop, signal); ``None``: no control API.
+    control_socket: Optional[str] = text(None)
+    #: replace a worker once it has received this many requests (0: never), surge-first.
+    max_requests: int = whole(0)
+    #: add a random 0..this to each worker's ``max_requests``, so they do not recycle at once.
+    max_requests_jitter: int = whole(0)
+    #: replace a worker whose resident memory exceeds this many MiB (0: never), surge-first.
+    max_worker_rss: int = whole(0)
 
 
 @attrs.frozen

@@ -62,6 +62,8 @@ class Limits:
     keepalive_requests: int
     keepalive_timeout: float
     server_header: bytes
+    http2_cleartext: bool = False
+    http2_max_streams: int = 128
 
     @classmethod
     def from_server(cls, server: ServerConfig) -> Limits:
@@ -76,7 +78,13 @@ class Limits:
             keepalive_requests=server.keepalive_requests,
             keepalive_timeout=server.keepalive_timeout,
             server_header=server.server_header.encode("latin-1"),
+            http2_cleartext=server.http2_cleartext,
+            http2_max_streams=server.http2_max_streams,
         )
+
+
+#: The first bytes of an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -96,6 +104,7 @@ class GatewayChannel(http.HTTPChannel):
     rejected = False
     #: the connection became a WebSocket tunnel (the tunnel owns its transport now).
     tunneled = False
+    _protocol_known = False  # ALPN / the h2c preface looked at (on the first bytes)
     _linger: Any = None
 
     def getHost(self) -> Any:
@@ -134,6 +143,16 @@ class GatewayChannel(http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         """Check the bytes of a request head as they come (bare LF, size), then parse."""
+        if not self._protocol_known:
+            self._protocol_known = True
+            negotiated = getattr(self.transport, "negotiatedProtocol", None)
+            if negotiated == b"h2" or (
+                self.site.limits.http2_cleartext and data.startswith(H2_PREFACE)
+            ):
+                from bungate.http.h2 import switch_to_h2
+
+                switch_to_h2(self, data)
+                return
         if self._awaiting_head():
             if self.head_since is None:  # a kept-alive connection's next request starts
                 self.head_since = self.site.clock.seconds()

@@ -72,8 +72,10 @@ def json_response(request: http.Request, status: int, body: Any) -> None:
     if request.finished or getattr(request, "_disconnected", False):
         return
     if request.startedWriting:
-        # Too late for a status line: cut the connection so the client sees a truncation.
-        transport = getattr(request.channel, "transport", None)
+        # Too late for a status line: cut the connection (an HTTP/2 stream: reset it) so
+        # the client sees a truncation.
+        channel = request.channel
+        transport: Any = getattr(channel, "transport", None) or channel
         if transport is not None:
             transport.abortConnection()
         return
@@ -144,6 +146,7 @@ class GatewayRequest(server.Request):
     #: seconds a tunnel may stay silent (the route's ``websocket_idle_timeout``).
     websocket_idle_timeout = 3600.0
     _received = 0
+    _over_limit = False  # an HTTP/2 stream's body passed max_body_size (answered 413)
     _reported = False
     started = 0.0
 
@@ -152,21 +155,37 @@ class GatewayRequest(server.Request):
         channel: Any = self.channel
         limit = channel.site.limits.max_body_size
         if length is not None and length > limit:
-            channel.reject(413, "payload_too_large", f"the body limit is {limit} bytes")
+            self._too_large(channel, limit)
             length = 0
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         """Store body bytes; the moment a chunked body passes the limit, 413."""
         channel: Any = self.channel
-        if channel.rejected:
+        if getattr(channel, "rejected", False) or self._over_limit:
             return
         self._received += len(data)
         limit = channel.site.limits.max_body_size
         if self._received > limit:
-            channel.reject(413, "payload_too_large", f"the body limit is {limit} bytes")
+            self._too_large(channel, limit)
             return
         self.content.write(data)  # type: ignore[union-attr]
+
+    def _too_large(self, channel: Any, limit: int) -> None:
+        reject = getattr(channel, "reject", None)
+        if reject is not None:  # HTTP/1.1: the connection answers and closes
+            reject(413, "payload_too_large", f"the body limit is {limit} bytes")
+            return
+        # An HTTP/2 stream: answer it (the connection and its other streams go on), as
+        # soon as the stream exists (its length is known while it is being made); the
+        # connection then resets it so the client stops sending.
+        if self._over_limit:
+            return
+        self._over_limit = True
+        self.refused = "payload_too_large"
+        self.site = channel.site
+        body = {"error": "payload_too_large", "message": f"the body limit is {limit} bytes"}
+        channel.site.clock.callLater(0, json_response, self, 413, body)
 
     def process(self) -> None:
         """Hand the request to the site's dispatcher (no resource traversal)."""
@@ -175,7 +194,7 @@ class GatewayRequest(server.Request):
         self.started = site.clock.seconds()
         if site.on_request is not None:
             site.on_request()
-        if self.channel.rejected:  # type: ignore[attr-defined]
+        if self._over_limit or getattr(self.channel, "rejected", False):
             return  # answered already (e.g. 413)
         headers = self.responseHeaders
         server_header = site.limits.server_header
@@ -217,7 +236,11 @@ class GatewayRequest(server.Request):
                 self.before_headers = None
                 hook(self)
             channel = self.channel
-            if channel is not None and channel.site.draining:  # type: ignore[attr-defined]
+            if (
+                channel is not None
+                and channel.site.draining  # type: ignore[attr-defined]
+                and self.clientproto != b"HTTP/2"  # HTTP/2 drains with GOAWAY instead
+            ):
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
                 channel.persistent = False
         super().write(data)
@@ -353,8 +376,11 @@ class GatewaySite(server.Site):
             return self._drained.wait()
         self.draining = True
         for channel in list(self.channels):
-            # A tunnel's connection is the tunnel's: it ends with its own drain.
-            if not channel.requests and not channel.tunneled:
+            # A tunnel's connection is the tunnel's: it ends with its own drain. An
+            # HTTP/2 connection sends GOAWAY now and closes after its streams.
+            if channel.tunneled:
+                continue
+            if not channel.requests or getattr(channel, "multiplexed", False):
                 channel.close_when_idle()
         deadline = self.clock.callLater(timeout, self._abort_all)
         d = self._drained.wait()

@@ -27,18 +27,22 @@ from bungate.ops.tlsfiles import KeyPair, Names, cipher_list, normal_host, pairs
 
 __all__ = ["ALPN_PROTOCOL", "server_tls_factory"]
 
-#: The only application protocol the workers speak over TLS.
+#: The application protocol of a client that offers no ALPN (and of HTTP/1.1).
 ALPN_PROTOCOL = b"http/1.1"
 
 _MIN_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
-    # Twisted's own ALPN callback adds whatever the wrapped factory offers (h2 when the
-    # h2 package is installed); the proxy speaks HTTP/1.1 only, so we decide here.
-    if ALPN_PROTOCOL in offered:
-        return ALPN_PROTOCOL
-    return SSL.NO_OVERLAPPING_PROTOCOLS
+def _alpn_selector(preferred: list[bytes]) -> Any:
+    """The ALPN callback: the first of ``preferred`` (server order) the client offers."""
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in preferred:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
 
 
 def _use_pair(context: SSL.Context, pair: KeyPair) -> None:
@@ -60,14 +64,15 @@ def _use_pair(context: SSL.Context, pair: KeyPair) -> None:
 def _context(
     pair: KeyPair, config: TLSConfig, ciphers: Optional[IAcceptableCiphers]
 ) -> SSL.Context:
+    protocols = [p.encode("ascii") for p in config.alpn]
     options = CertificateOptions(
         raiseMinimumTo=_MIN_VERSIONS[config.min_version],
         acceptableCiphers=ciphers,
-        acceptableProtocols=[ALPN_PROTOCOL],
+        acceptableProtocols=protocols,
     )
     context = options.getContext()
     _use_pair(context, pair)
-    context.set_alpn_select_callback(_select_alpn)
+    context.set_alpn_select_callback(_alpn_selector(protocols))
     return context
 
 
@@ -127,7 +132,8 @@ def server_tls_factory(
     The certificate files are read now: call this again (in a new worker) to pick up new
     files. ``cert`` may hold the intermediate certificates after the server's own; they are
     sent to clients. ``min_version`` sets the lowest TLS version accepted, ``ciphers``
-    restricts the TLS 1.2 cipher suites, ALPN offers ``http/1.1`` only, and
+    restricts the TLS 1.2 cipher suites, ALPN offers ``alpn`` (``h2`` and ``http/1.1`` by
+    default; an ``h2`` connection is switched to HTTP/2 by the channel), and
     ``certificates`` chooses another certificate by the SNI host name.
 
     :param config: the ``server.tls`` section; ``enabled`` is not looked at.

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 import trustme
@@ -226,19 +227,31 @@ def test_sni_picks_certificate(ca: trustme.CA, tmp_path: Path) -> Iterator[Any]:
     assert got_a["response"].endswith(b"hello /hi?x=1")
 
 
+@pytest.mark.parametrize(
+    "alpn, offered, agreed",
+    [
+        (None, ["h2", "http/1.1"], "h2"),  # the default offers h2 first
+        (None, ["http/1.1", "h2"], "h2"),  # the server's order decides
+        (None, ["http/1.1"], "http/1.1"),
+        (["http/1.1"], ["h2", "http/1.1"], "http/1.1"),
+        (["http/1.1"], ["h2"], None),  # no overlap: none agreed, the handshake still fine
+    ],
+)
 @pytest_twisted.inlineCallbacks
-def test_alpn_http11(ca: trustme.CA, pair: tuple[str, str]) -> Iterator[Any]:
-    port = listen_tls(tls_config(*pair))
-    offers_both, offers_h2 = client_context(ca), client_context(ca)
-    offers_both.set_alpn_protocols(["h2", "http/1.1"])
-    offers_h2.set_alpn_protocols(["h2"])
+def test_alpn(
+    ca: trustme.CA, pair: tuple[str, str], alpn: Any, offered: Any, agreed: Any
+) -> Iterator[Any]:
+    config = tls_config(*pair)
+    if alpn is not None:
+        config = attrs.evolve(config, alpn=tuple(alpn))
+    port = listen_tls(config)
+    context = client_context(ca)
+    context.set_alpn_protocols(offered)
     try:
-        both = yield in_thread(probe, port.getHost().port, offers_both, "localhost")
-        h2_only = yield in_thread(probe, port.getHost().port, offers_h2, "localhost", request=False)
+        got = yield in_thread(probe, port.getHost().port, context, "localhost", request=False)
     finally:
         yield port.stopListening()
-    assert both["alpn"] == "http/1.1"
-    assert h2_only["alpn"] is None  # no overlap: no protocol agreed, handshake still fine
+    assert got["alpn"] == agreed
 
 
 def test_server_tls_factory_fails_fast(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def client_context(cafile: Optional[str]) -> ssl.SSLContext:
     if cafile is None:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    ctx.set_alpn_protocols(["http/1.1"])  # http.client speaks HTTP/1.1 only
     return ctx
 
 
