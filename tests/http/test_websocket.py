@@ -169,3 +169,18 @@ def test_a_drain_ends_tunnels_with_going_away_before_its_deadline(gateways, echo
     yield closing
     assert reactor.seconds() - started < 2 + 1  # shutdown_timeout, and a margin
     yield defer.succeed(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_handshake_goes_through_the_routes_auth(gateways, echo, watch):
+    key = "ws-key-0123456789abcdef"
+    gw = yield gateways([{"pattern": "/ws/*", "target": echo.url, "auth": {"api_keys": [key]}}])
+    port = gw.ports[0].getHost().port
+    refused = yield threads.deferToThread(raw_request, port, HANDSHAKE, False)
+    assert split(refused)[0] == 401 and all(not s.opened for s in echo.servers)
+    with_key = HANDSHAKE.replace(b"\r\n\r\n", b"\r\nX-API-Key: " + key.encode() + b"\r\n\r\n")
+    answer = yield threads.deferToThread(raw_request, port, with_key, False)
+    status, headers, _ = split(answer)
+    assert status == 101 and headers[b"upgrade"][0].lower() == b"websocket"
+    assert headers[b"sec-websocket-accept"] == [b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="]
+    yield watch.until(lambda: echo.servers and echo.servers[-1].opened, "the upstream open")
