@@ -6,6 +6,10 @@ Signals: ``TERM``/``INT`` drain and stop (the reactor's own handling), ``QUIT`` 
 at once, ``HUP`` re-reads the config file and serves its routes (checked in a fresh
 process first; a change to what only a restart can apply is refused by name), ``USR1``
 reopens the log file.
+
+The rate limits of ``backend: local`` are decided on a table of this process's own
+(:mod:`bungate.limit_table`), made once for its whole life, so a reload that serves new
+routes keeps the budgets of the routes it keeps.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from bungate._once import Once
 from bungate.config import ConfigError, GatewayConfig, RouteConfig
 from bungate.config.diff import changed_keys
 from bungate.http.app import GatewayApp
+from bungate.limit_table import LimitTable
 from bungate.master.check import ConfigCheck
 from bungate.master.listeners import wanted_listeners
 from bungate.ops.listeners import bind_listener
@@ -57,7 +62,10 @@ class SingleService:
         self.output = output
         self.started_at = time.time()
         self.draining = False
-        self.app = GatewayApp(config, reactor, status=self.status)
+        #: the rate-limit table of ``backend: local`` (closed once :meth:`close` is done).
+        self.limit_table: Optional[LimitTable]
+        self.limit_table, self._limit_file = LimitTable.create()
+        self.app = GatewayApp(config, reactor, status=self.status, limit_table=self.limit_table)
         self.ports: list[Any] = []
         self._closing: Optional[Once[None]] = None
         self._previous: dict[int, Any] = {}
@@ -200,5 +208,13 @@ class SingleService:
             ports, self.ports = self.ports, []
             grace = 0.0 if self._quick else self.config.cluster.shutdown_timeout
             work = self.app.close(ports, grace)
+            work.addBoth(lambda _: self._close_limit_table())
             work.addBoth(lambda _: closing.fire(None))
         return closing.wait()
+
+    def _close_limit_table(self) -> None:
+        """Every request is done: unmap the rate-limit table and close its file."""
+        table, self.limit_table = self.limit_table, None
+        if table is not None:
+            table.close()
+            self._limit_file.close()

@@ -5,11 +5,25 @@ A worker is started with:
 
 - its descriptors: fd 3 the main listening socket, fd 4 one end of the control channel
   (a socketpair), then the extra listeners (the plain-HTTP redirect, the metrics
-  listener) from fd 5 on, then the shared accept table;
+  listener) from fd 5 on, then the shared accept table, then the shared rate-limit table
+  (:mod:`bungate.limit_table`; each table only when passed, the next one taking the free
+  number);
 - its environment: ``CLUSTER_WORKER=true`` and ``CLUSTER_WORKER_ID=<slot id>`` (the spec's
   names, for user code), and ``BUNGATE_*`` variables holding the rest of a
   :class:`WorkerLaunch`: the master's pid, the names of the extra descriptors, the
-  validated config as JSON, the private certificate copies and the accept-table slot.
+  validated config as JSON, the private certificate copies, the accept-table slot and
+  the rate-limit table's descriptor.
+
+The variables of ours:
+
+- ``BUNGATE_MASTER_PID``: the master's pid;
+- ``BUNGATE_FDS``: ``name=fd,...`` of the extra listeners;
+- ``BUNGATE_CONFIG``: the validated config as JSON (built-in workers);
+- ``BUNGATE_TLS_COPIES``: ``{copy: original}`` as JSON;
+- ``BUNGATE_ACCEPT_TABLE``: ``<fd>:<slot>`` of the accept table;
+- ``BUNGATE_LIMIT_TABLE``: ``<fd>`` of the rate-limit table the master made once for
+  its whole life (so every worker, a respawned or rolled one too, decides on the same
+  budgets); absent when the master could not make it.
 
 The control channel carries newline-delimited JSON objects, ``{"t": KIND, ...}``: the
 worker sends ``ready`` once it listens, ``heartbeat`` every ``heartbeat_interval``,
@@ -60,7 +74,17 @@ _FDS = "BUNGATE_FDS"
 _CONFIG = "BUNGATE_CONFIG"
 _TLS_COPIES = "BUNGATE_TLS_COPIES"
 _ACCEPT_TABLE = "BUNGATE_ACCEPT_TABLE"
-_OURS = (_WORKER, _WORKER_ID, _MASTER_PID, _FDS, _CONFIG, _TLS_COPIES, _ACCEPT_TABLE)
+_LIMIT_TABLE = "BUNGATE_LIMIT_TABLE"
+_OURS = (
+    _WORKER,
+    _WORKER_ID,
+    _MASTER_PID,
+    _FDS,
+    _CONFIG,
+    _TLS_COPIES,
+    _ACCEPT_TABLE,
+    _LIMIT_TABLE,
+)
 
 # Control messages.
 READY = "ready"
@@ -98,6 +122,8 @@ class WorkerLaunch:
     :ivar tls_copies: ``{copy: original}`` for the master's private certificate copies,
         so a worker's messages name the operator's files.
     :ivar accept_table: ``(descriptor, slot)`` of the shared accept table, or ``None``.
+    :ivar limit_table: the descriptor of the shared rate-limit table
+        (:meth:`bungate.limit_table.LimitTable.inherited`), or ``None``.
     """
 
     worker_id: int
@@ -106,6 +132,7 @@ class WorkerLaunch:
     config_json: Optional[str] = None
     tls_copies: Mapping[str, str] = attrs.field(factory=dict)
     accept_table: Optional[tuple[int, int]] = None
+    limit_table: Optional[int] = None
 
     @staticmethod
     def layout(extra: Sequence[str], with_table: bool) -> tuple[dict[str, int], Optional[int]]:
@@ -121,6 +148,18 @@ class WorkerLaunch:
             fds[name] = _FIRST_EXTRA_FD + i
         table = _FIRST_EXTRA_FD + len(extra) if with_table else None
         return fds, table
+
+    @staticmethod
+    def limit_table_fd(extra: Sequence[str], with_table: bool) -> int:
+        """
+        Where a worker finds the rate-limit table: the first descriptor after the extra
+        listeners and the accept table (see :meth:`layout`).
+
+        :param extra: the names of the listeners besides ``main``, in order.
+        :param with_table: whether the accept table is passed too.
+        :returns: the descriptor number in the worker.
+        """
+        return _FIRST_EXTRA_FD + len(extra) + (1 if with_table else 0)
 
     def to_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """
@@ -139,13 +178,16 @@ class WorkerLaunch:
         if self.accept_table is not None:
             fd, slot = self.accept_table
             env[_ACCEPT_TABLE] = f"{fd}:{slot}"
+        if self.limit_table is not None:
+            env[_LIMIT_TABLE] = str(self.limit_table)
         return env
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Optional[WorkerLaunch]:
         """
         The launch this worker was started with, or ``None`` outside a worker. A value
-        that does not parse is left out (e.g. no accept table: accept without balancing).
+        that does not parse is left out (e.g. no accept table: accept without balancing;
+        no rate-limit table: the worker's limits are its own).
         """
         env = os.environ if environ is None else environ
         if not in_worker(env):
@@ -167,6 +209,8 @@ class WorkerLaunch:
         table = (
             (int(fd_text), int(slot_text)) if fd_text.isdigit() and slot_text.isdigit() else None
         )
+        limits_text = env.get(_LIMIT_TABLE, "")
+        limits = int(limits_text) if limits_text.isdigit() and limits_text.isascii() else None
         master = env.get(_MASTER_PID, "")
         return cls(
             worker_id=int(wid) if wid.isdigit() else 0,
@@ -175,6 +219,7 @@ class WorkerLaunch:
             config_json=env.get(_CONFIG) or None,
             tls_copies={str(k): str(v) for k, v in copies.items()},
             accept_table=table,
+            limit_table=limits,
         )
 
 

@@ -16,6 +16,7 @@ from bungate.http.dispatch import Dispatcher
 from bungate.http.handlers import resolve_handler
 from bungate.http.metrics import MetricsResource, metrics_site
 from bungate.http.middleware import check_plugins
+from bungate.http.policy.ratelimit import RateLimits, check_rate_limits
 from bungate.http.proxy import ReverseProxy
 from bungate.http.redirect import RedirectResource
 from bungate.http.site import GatewayRequest, GatewaySite, Limits, SideSite
@@ -47,6 +48,38 @@ def check_config(config: GatewayConfig, names: Mapping[str, str] = {}) -> None:
             except ValueError as e:
                 raise ConfigError(config.source, f"routes[{i}].handler", str(e)) from None
     check_plugins(config)
+    check_rate_limits(config)
+    check_policies(config, names)
+
+
+def check_policies(config: GatewayConfig, names: Mapping[str, str] = {}) -> None:
+    """
+    Build every route's policy once, without serving and without the network: secret
+    and key files, environment variables, hook and middleware imports, rate-limit keys.
+
+    :raises ConfigError: naming the key of the first problem.
+    """
+    from twisted.internet.task import Clock
+
+    from bungate.http.policy.route import RoutePolicy
+
+    clock = Clock()
+
+    def no_fetch() -> defer.Deferred[Any]:
+        return defer.Deferred()  # a JWKS is fetched by the workers, not by a check
+
+    for i, route in enumerate(config.routes):
+        policy = RoutePolicy(
+            route, config, i, reactor=clock, limits=_CheckLimits(), names=names, fetch=no_fetch
+        )
+        policy.close()
+
+
+class _CheckLimits:
+    """Rate limits for a check: the keys are resolved, nothing is connected."""
+
+    def for_route(self, name: str, limit: Any, **_: Any) -> Any:
+        return limit
 
 
 class GatewayApp:
@@ -100,6 +133,8 @@ class GatewayApp:
                 underscores=config.server.underscores_in_headers,
             ),
             tls_policy=tls_policy,
+            limits=RateLimits(config, reactor, limit_table),
+            names=self.names,
         )
         #: the WebSocket tunnels of this process.
         self.tunnels = Tunnels(
@@ -144,6 +179,8 @@ class GatewayApp:
                 underscores=config.server.underscores_in_headers,
             ),
             tls_policy=tls_policy,
+            limits=RateLimits(config, old.reactor, self.limit_table),
+            names=self.names,
         )
         dispatcher.proxy.tunnels = self.tunnels
         self.dispatcher = dispatcher

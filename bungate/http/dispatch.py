@@ -227,7 +227,10 @@ class Dispatcher:
 
     def close_connections(self) -> defer.Deferred[Any]:
         """Close the idle upstream connections (proxy and health probes), once drained."""
-        return defer.gatherResults([self.proxy.close(), self.probes.close()], consumeErrors=True)
+        closing = [self.proxy.close(), self.probes.close()]
+        if self.limits is not None:  # after the drain: requests in flight still decide
+            closing.append(self.limits.close())
+        return defer.gatherResults(closing, consumeErrors=True)
 
     # --- the request path -------------------------------------------------------------
 

@@ -5,6 +5,13 @@ Starting a worker process: its command line, environment and descriptors, the
 :class:`Spawner` is the fleet's ``spawn`` callable: given a slot, it starts the slot's
 next process with ``reactor.spawnProcess`` and returns its transport. What the process
 is told (descriptors, environment) is a :class:`~bungate.wire.WorkerLaunch`.
+
+Besides the listeners, every worker gets two tables shared with its peers: the accept
+table (:class:`AcceptSlots`, a slot per live process) and the rate-limit table
+(:class:`SharedLimits`, the GCRA state of ``rate_limit.backend: local``). The spawner
+makes each at its first spawn and keeps it for the master's whole life, so a respawned
+worker (after a crash, ``kill -9`` included) and every worker of a roll or a reload see
+the same table: a budget is never reset nor doubled by a worker's turnover.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bungate.accept_table import AcceptTable
+from bungate.limit_table import LimitTable, LimitTableError
 from bungate.master.listeners import Listeners
 from bungate.master.slot import WorkerSlot
 from bungate.ops.logging import write_line
@@ -33,7 +41,14 @@ from bungate.wire import (
     WorkerLaunch,
 )
 
-__all__ = ["PYPY_GC_NURSERY", "AcceptSlots", "Spawner", "WorkerOutput", "WorkerProtocol"]
+__all__ = [
+    "PYPY_GC_NURSERY",
+    "AcceptSlots",
+    "SharedLimits",
+    "Spawner",
+    "WorkerOutput",
+    "WorkerProtocol",
+]
 
 log = Logger(namespace="bungate.master")
 
@@ -161,6 +176,55 @@ class AcceptSlots:
         self._slots.clear()
 
 
+class SharedLimits:
+    """
+    The fleet's rate-limit table (:class:`~bungate.limit_table.LimitTable`), made at the
+    first spawn and passed to every worker for the rest of the master's life.
+
+    It is made whatever the config says: the config a worker serves can change (a reload
+    adds a ``backend: local`` limit, a worker started from the user's script builds its
+    own config, which the master never sees), ``backend: redis`` falls back on it when
+    Redis is down (``on_backend_error: allow``), and it costs one descriptor and a sparse
+    1 MiB file whose pages exist only once written. A master that never spawns makes none.
+
+    If the table cannot be made (no room for a temporary file), workers are started
+    without it (their limits are then each their own, said in the log) and the next spawn
+    tries again.
+    """
+
+    def __init__(self) -> None:
+        #: The master's mapping of the table (for a metric such as ``used_slots``), or
+        #: ``None`` before the first spawn.
+        self.table: Optional[LimitTable] = None
+        self._backing: Optional[IO[bytes]] = None
+
+    def fileno(self) -> Optional[int]:
+        """
+        The table's descriptor, made at the first call.
+
+        :returns: the master's descriptor of the table's file, or ``None`` if it could not
+            be made.
+        """
+        if self._backing is None:
+            try:
+                self.table, self._backing = LimitTable.create()
+            except (OSError, LimitTableError) as e:
+                log.error(
+                    "Cannot make the shared rate-limit table ({error}): workers start "
+                    "without it, and each applies rate_limit.backend: local on its own",
+                    error=str(e),
+                )
+                return None
+        return self._backing.fileno()
+
+    def close(self) -> None:
+        """Unmap and close the table (a later spawn would make a new one)."""
+        if self.table is not None and self._backing is not None:
+            self.table.close()
+            self._backing.close()
+        self.table = self._backing = None
+
+
 class Spawner:
     """
     Starts worker processes for the fleet's slots.
@@ -197,6 +261,8 @@ class Spawner:
         self.extra_env = dict(extra_env)
         self.on_line = on_line
         self.accept = AcceptSlots()
+        #: the rate-limit table every worker decides on (made at the first spawn).
+        self.limits = SharedLimits()
         #: what the next worker is started with: a config as JSON (the accepted one, or the
         #: one a reload tries) ...
         self.config_json: Optional[str] = None
@@ -241,6 +307,11 @@ class Spawner:
             child_fds[fd] = self.listeners.sockets[name].fileno()
         if table_fd is not None:
             child_fds[table_fd] = self.accept.fileno()
+        limits = self.limits.fileno()
+        limits_fd: Optional[int] = None
+        if limits is not None:
+            limits_fd = WorkerLaunch.limit_table_fd(extra, with_table=table_fd is not None)
+            child_fds[limits_fd] = limits
         launch = WorkerLaunch(
             worker_id=slot.id,
             master_pid=os.getpid(),
@@ -248,6 +319,7 @@ class Spawner:
             config_json=self.config_json,
             tls_copies=dict(self.names),
             accept_table=None if table_fd is None else (table_fd, table_slot or 0),
+            limit_table=limits_fd,
         )
         return launch, child_fds
 

@@ -4,7 +4,9 @@ A worker process: adopt the master's sockets, serve, report, drain, exit.
 :class:`WorkerService` serves a :class:`~bungate.http.app.GatewayApp` on the listening
 sockets the master passed down (see :mod:`bungate.wire` for the descriptors and the
 environment), tells the master it is ready over the control channel, sends heartbeats,
-and shares its connection counts for fair accepting (:mod:`bungate.accept_table`).
+and shares its connection counts for fair accepting (:mod:`bungate.accept_table`). The
+rate limits of ``backend: local`` are decided on the master's table, which every worker
+maps (:mod:`bungate.limit_table`), so they hold for the fleet rather than per worker.
 
 SIGTERM or SIGINT make the worker drain (stop accepting, finish in-flight requests,
 close keep-alive connections) and exit 0. If the master dies, the control channel hits
@@ -31,6 +33,7 @@ from bungate.accept_table import AcceptTable
 from bungate.config import GatewayConfig, RouteConfig
 from bungate.config.convert import from_json
 from bungate.http.app import GatewayApp
+from bungate.limit_table import LimitTable, LimitTableError
 from bungate.ops.logging import begin_logging
 from bungate.wire import (
     CONFIG,
@@ -48,6 +51,7 @@ from bungate.worker.warmup import warm_up, warmup_seconds
 
 __all__ = [
     "WorkerService",
+    "inherit_limit_table",
     "run_worker_reactor",
     "set_parent_death_signal",
     "set_title",
@@ -99,6 +103,32 @@ def silence_output() -> None:
     os.close(devnull)
 
 
+def inherit_limit_table(fd: Optional[int]) -> Optional[LimitTable]:
+    """
+    Map the rate-limit table the master passed down as descriptor ``fd``.
+
+    A worker whose table cannot be mapped still serves (the table's absence only matters
+    to ``rate_limit.backend: local``, whose limits are then this worker's own): the
+    problem is logged as an error rather than failing the worker, which its master would
+    only restart into the same problem.
+
+    :param fd: the descriptor (:attr:`bungate.wire.WorkerLaunch.limit_table`), or ``None``.
+    :returns: the table, or ``None``.
+    """
+    if fd is None:
+        return None
+    try:
+        return LimitTable.inherited(fd)
+    except (OSError, LimitTableError) as e:
+        log.error(
+            "Cannot map the fleet's rate-limit table (fd {fd}): {error}; this worker "
+            "applies rate_limit.backend: local on its own",
+            fd=fd,
+            error=str(e),
+        )
+        return None
+
+
 class WorkerService:
     """
     One worker: the gateway's HTTP side on the master's sockets, and the master's link.
@@ -114,12 +144,15 @@ class WorkerService:
         self.launch = launch
         self.worker_id = str(launch.worker_id)
         self.started_at = time.time()
+        #: the fleet's rate-limit table, inherited from the master (``None`` without one).
+        self.limit_table = inherit_limit_table(launch.limit_table)
         self.app = GatewayApp(
             config,
             reactor,
             status=self.status,
             worker_id=self.worker_id,
             names=launch.tls_copies,
+            limit_table=self.limit_table,
         )
         self.ports: list[Any] = []
         self.fleet: dict[str, Any] = {}

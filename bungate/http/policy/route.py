@@ -67,6 +67,7 @@ class RoutePolicy:
         limits: Any = None,
         names: Any = None,
         normalize: Optional[dict[str, Any]] = None,
+        fetch: Any = None,
     ) -> None:
         key = f"routes[{index}]"
         source = config.source
@@ -80,14 +81,15 @@ class RoutePolicy:
 
             where = f"{key}.auth" if route.auth is not None else "auth"
             self.auth = AuthPolicy.build(
-                auth, source=source, key=where, reactor=reactor, names=names or {}
+                auth, source=source, key=where, reactor=reactor, names=names or {}, fetch=fetch
             )
         self.limit: Any = None
         limit = inherit(route.rate_limit, config.rate_limit)
         if limit is not None:
             if limits is None:
                 raise ConfigError(source, f"{key}.rate_limit", "no rate-limit backend here")
-            self.limit = limits.for_route(self.name, limit)
+            where = f"{key}.rate_limit" if route.rate_limit is not None else "rate_limit"
+            self.limit = limits.for_route(self.name, limit, where=where)
         hooks = dict(config.hooks)
         hooks.update(dict(route.hooks))
         self.hooks = Hooks(hooks, source, f"{key}.hooks" if route.hooks else "hooks")
@@ -172,7 +174,9 @@ class RoutePolicy:
         if limit is None:
             return self._before(request, upstream)
         key = limit.key_of(request, identity)
-        decision = limit.decide(key if key is not None else b"")
+        if key is None:  # a module:callable key said this request is not limited
+            return self._before(request, upstream)
+        decision = limit.decide(key)
         if isinstance(decision, defer.Deferred):
             return decision.addCallback(lambda d: self._after_limit(request, upstream, d))
         return self._after_limit(request, upstream, decision)
