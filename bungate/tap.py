@@ -11,6 +11,11 @@ An invalid configuration is printed as one line per problem, ``FILE: key: proble
 the process exits with status 78 (sysexits' ``EX_CONFIG``), without the usage text. What
 needs imports (handler modules, plugins) is checked in a fresh process
 (``python -m bungate.worker --check``), never in the master.
+
+``--pidfile PATH`` writes the process's pid once it listens (atomically; a stale file is
+replaced, one held by a live gateway refused) and removes it on exit; with
+``server.user`` a single process (``--single``) drops root once it listens, as the master
+does (see :mod:`bungate.master.service`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, NoReturn, Optional
 
 import attrs
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
@@ -38,6 +44,8 @@ from bungate.config import (
     with_overrides,
 )
 from bungate.config.convert import to_json
+from bungate.ops.daemon import ProcessOptions, process_options, resolve_identity
+from bungate.ops.pidfile import PidFile
 
 __all__ = ["GatewayService", "Options", "makeService"]
 
@@ -140,7 +148,7 @@ _port.coerceDoc = "0..65535; 0 picks a free port."  # type: ignore[attr-defined]
 class Options(usage.Options):
     """``twist bungate [--config FILE] [--port N] [--workers N] [--python EXE]``."""
 
-    synopsis = "[--config FILE] [--port PORT] [--workers N] [--python EXE]"
+    synopsis = "[--config FILE] [--port PORT] [--workers N] [--python EXE] [--pidfile PATH]"
     longdesc = (
         "Run the bungate HTTP API gateway. Without --config a built-in default runs: "
         "port 3000, cluster mode with one worker per CPU, GET /health and an /echo "
@@ -159,12 +167,23 @@ class Options(usage.Options):
             _positive,
         ],
         ["python", None, None, "Interpreter for the workers, e.g. pypy3 (cluster.python)."],
+        [
+            "pidfile",
+            None,
+            None,
+            "Write the master's pid to this file once it listens; removed on exit.",
+        ],
     ]
     optFlags = [
         ["single", None, "Serve in this one process (cluster.enabled: false)."],
         ["check", None, "Validate the configuration, print the result and exit."],
         ["version", None, "Print bungate's version (and Twisted's, Python's) and exit."],
     ]
+
+    def opt_version(self) -> None:
+        """Print bungate's version (and Twisted's, Python's) and exit."""
+        sys.stdout.write(versions() + "\n")
+        raise SystemExit(0)
 
     def load(self) -> GatewayConfig:
         """Read the configuration with the command-line overrides applied."""
@@ -216,6 +235,7 @@ class Options(usage.Options):
 
             try:
                 check_config(config)
+                resolve_identity(config)  # server.user / server.group (the master's: at start)
             except ConfigError as e:
                 _refuse(e)
         self["gateway_config"] = config
@@ -269,6 +289,7 @@ class GatewayService(Service):
     :param overrides: the command-line overrides, applied again to every reloaded config.
     :param log_output: where the workers' log lines go (``twist``'s log file).
     :param pinned: ``{config key: option}`` of the overrides, for the reload log line.
+    :param pidfile: ``--pidfile``: where to write the pid once listening.
     """
 
     def __init__(
@@ -277,12 +298,16 @@ class GatewayService(Service):
         overrides: Optional[dict[str, Any]] = None,
         log_output: Any = None,
         pinned: Optional[dict[str, str]] = None,
+        pidfile: Optional[str] = None,
     ) -> None:
         self.config = config
         self.overrides = dict(overrides or {})
         self.log_output = log_output
         self.pinned = dict(pinned or {})
+        self.pidfile = pidfile
         self.gateway: Any = None
+        #: a single process's pid file, once written (a master writes its own).
+        self._single_pidfile: Optional[PidFile] = None
 
     def startService(self) -> None:
         """Start the gateway; if it cannot start, stop the reactor and exit non-zero."""
@@ -314,7 +339,13 @@ class GatewayService(Service):
         )
         for line in warnings(self.config):
             log.warn("{warning}", warning=line)
-        d = gateway.listen()
+        # The master writes the pid file itself, between binding and dropping root.
+        process_options(ProcessOptions(pidfile=self.pidfile))
+        if self.config.cluster.enabled:
+            d = gateway.listen()
+        else:
+            d = defer.maybeDeferred(self._before_single).addCallback(lambda _: gateway.listen())
+            d.addCallback(self._single_listening)
 
         def exit_status() -> None:
             # A graceful stop leaves 0; a stop that had to kill a worker, or a fleet
@@ -354,16 +385,50 @@ class GatewayService(Service):
 
         d.addErrback(failed)
 
+    def _before_single(self) -> None:
+        """A single process: refuse a pid file a live gateway holds, before binding."""
+        if self.pidfile:
+            PidFile(self.pidfile).check()
+
+    def _single_listening(self, result: Any) -> Any:
+        """A single process listens: write the pid file, then drop root (server.user)."""
+        if self.pidfile:
+            pidfile = PidFile(self.pidfile)
+            log.info("Pid file: {what}", what=pidfile.acquire())
+            self._single_pidfile = pidfile
+        identity = resolve_identity(self.config)
+        if identity is not None and identity.needed:
+            identity.drop()
+            log.info("Listening: running as {who} from now on", who=identity.describe())
+        return result
+
     def stopService(self) -> Any:
         """Stop the gateway: the Deferred returned fires once it has drained (if started)."""
         super().stopService()
-        if self.gateway is not None:
-            return self.gateway.close()
-        return None
+        if self.gateway is None:
+            return None
+        d = self.gateway.close()
+
+        def release(result: Any) -> Any:
+            pidfile = self._single_pidfile
+            if pidfile is not None:
+                try:
+                    pidfile.release()
+                except OSError as e:
+                    log.warn(
+                        "Cannot remove the pid file {path}: {error}", path=pidfile.path, error=e
+                    )
+            return result
+
+        return d.addBoth(release)
 
 
 def makeService(options: Options) -> GatewayService:
     """Build the service ``twist`` runs."""
     return GatewayService(
-        options["gateway_config"], options.overrides(), options.get("log_output"), options.pinned()
+        options["gateway_config"],
+        options.overrides(),
+        options.get("log_output"),
+        options.pinned(),
+        pidfile=options["pidfile"],
     )

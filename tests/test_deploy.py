@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 import bungate
 from bungate.config import GatewayConfig, parse_config
+from bungate.config.policy import RateLimitConfig
 from bungate.config.schema import ClusterConfig, HealthConfig, MetricsConfig, ServerConfig
 from bungate.master.listeners import wanted_listeners
 from bungate.ops import metrics as metrics_module
@@ -424,3 +426,134 @@ def test_alerts_use_only_registered_metrics(registered_metrics):
 def test_hpa_comments_use_only_registered_metrics(registered_metrics):
     used = set(METRIC.findall((K8S / "hpa.yaml").read_text()))
     assert used and used - registered_metrics == set()
+
+
+# --- the control socket, the shared Redis, per-process metrics ---------------------------
+
+
+def test_the_sample_config_control_socket_is_in_the_units_runtime_directory():
+    config = parse_config(yaml.safe_load((DEPLOY / "gateway.yaml").read_text()), "gateway.yaml")
+    socket_path = config.cluster.control_socket
+    assert socket_path is not None
+    service = unit(DEPLOY / "bungate.service")["Service"]
+    (runtime,) = service["RuntimeDirectory"]
+    assert os.path.dirname(socket_path) == f"/run/{runtime}"
+    assert f"/run/{runtime}" in service["ReadWritePaths"][0].split()
+    for name in ("Dockerfile", "Dockerfile.pypy"):
+        text = (DEPLOY / name).read_text()
+        # the images make the directory, for the gateway's (non-root) user
+        assert f"mkdir -p /etc/bungate /run/{runtime}" in text, name
+        assert f"chown bungate:bungate /run/{runtime}" in text, name
+
+
+def test_the_configmap_control_socket_is_on_a_writable_volume():
+    path = configmap_config().cluster.control_socket
+    assert path is not None
+    spec = container()
+    assert spec["securityContext"]["readOnlyRootFilesystem"] is True
+    deployment = one_yaml(K8S / "deployment.yaml")
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    empty_dirs = {v["name"] for v in volumes if "emptyDir" in v}
+    mounts = [m["mountPath"] for m in spec["volumeMounts"] if m["name"] in empty_dirs]
+    assert any(os.path.dirname(path) == mount for mount in mounts), (path, mounts)
+
+
+def test_the_pods_share_one_redis_for_their_rate_limits():
+    config = configmap_config()
+    assert config.redis.url is not None
+    limited = [r for r in config.routes if r.rate_limit]
+    assert limited
+    for route in limited:
+        assert isinstance(route.rate_limit, RateLimitConfig)
+        assert route.rate_limit.backend == "redis"
+    deployment, service = load_yaml(K8S / "redis.yaml")
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    url = urlsplit(config.redis.url)
+    (port,) = service["spec"]["ports"]
+    assert (url.hostname, url.port) == (service["metadata"]["name"], port["port"])
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (redis,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in redis["ports"]}
+    # bungate's own pods are not selected by the Redis Service, nor Redis by theirs.
+    ours = one_yaml(K8S / "service.yaml")["spec"]["selector"]
+    assert not ours.items() <= labels.items()
+
+
+def test_per_process_metrics_in_the_dashboard_and_alerts_are_collected():
+    from bungate.ops.metrics import ProcessResources
+    from bungate.ops.procfs import ProcessUsage
+
+    collector = ProcessResources(lambda: {"1": 1}, read=lambda pid: ProcessUsage(pid, 1, 1.0, 1))
+    suffixes = {"counter": "_total", "gauge": ""}
+    collected = {family.name + suffixes[family.type] for family in collector.collect()}
+    process = re.compile(r"\bprocess_[a-z_]+\b")
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    used = {name for expr in exprs_in_dashboard(dashboard) for name in process.findall(expr)}
+    used |= {name for rule in alert_rules() for name in process.findall(rule["expr"])}
+    assert used == collected
+
+
+# --- docs/deploy.md -------------------------------------------------------------------------
+
+
+def deploy_guide() -> str:
+    return (ROOT / "docs" / "deploy.md").read_text()
+
+
+def shell_lines(text: str) -> Iterator[str]:
+    """The commands of the guide's ``sh`` blocks (comments and continuations joined)."""
+    for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def bungate_commands(line: str) -> Iterator[list[str]]:
+    """The arguments of every ``bungate`` command in a shell line, behind ``sudo -u X``,
+    ``docker exec C`` or ``kubectl exec P --``."""
+    for part in re.split(r"\|\||&&|;|\|", line):
+        words = shlex.split(part)
+        if words[:1] == ["sudo"]:
+            words = words[3:] if words[1:2] == ["-u"] else words[1:]
+        elif words[:2] == ["docker", "exec"]:
+            words = words[3:]
+        elif words[:2] == ["kubectl", "exec"]:
+            words = words[words.index("--") + 1 :] if "--" in words else words[3:]
+        if words[:1] == ["bungate"]:
+            yield words[1:]
+
+
+def test_every_bungate_command_in_the_guide_parses():
+    from bungate.cli import _parser
+
+    commands = [argv for line in shell_lines(deploy_guide()) for argv in bungate_commands(line)]
+    assert len(commands) >= 4
+    parser = _parser()
+    for argv in commands:
+        args = parser.parse_args(argv)
+        assert args.command and (args.socket or args.config), argv
+    # The table's commands, too (the socket given once above them).
+    table = re.findall(r"^\| `bungate ([^`]+)` \|", deploy_guide(), re.MULTILINE)
+    assert len(table) == 6
+    for command in table:
+        assert parser.parse_args(["--socket", "s", *shlex.split(command)]).command
+
+
+def test_every_twist_bungate_option_in_the_guide_exists():
+    from bungate.tap import Options
+
+    known = {f"--{name}" for name, *_ in Options.optParameters + Options.optFlags}
+    used = set()
+    for line in shell_lines(deploy_guide()):
+        for match in re.finditer(r"twist bungate((?: --?[a-z-]+(?:[ =][^ -][^ ]*)?)*)", line):
+            used |= set(re.findall(r"--[a-z-]+", match.group(1)))
+    assert used and used <= known, used - known
+
+
+def test_the_guide_links_only_files_that_exist():
+    for link in re.findall(r"\]\(([^)#]+)\)", deploy_guide()):
+        if "://" not in link:
+            assert (ROOT / "docs" / link).exists(), link

@@ -16,6 +16,7 @@ changes on disk reaches no worker until a reload accepts it.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import sys
@@ -26,6 +27,7 @@ from typing import IO, Any, Callable, Optional, Union
 import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from bungate._once import Once
 from bungate.config import ClusterConfig, ConfigError, GatewayConfig, parse_config
@@ -37,6 +39,7 @@ from bungate.master.reload import ConfigFlow
 from bungate.master.roll import Rolling
 from bungate.master.slot import SlotState, WorkerSlot
 from bungate.master.spawn import Spawner, WorkerOutput
+from bungate.ops.procfs import ProcessUsage, usage
 from bungate.ops.tlsfiles import check_tls, check_upstream_tls
 from bungate.wire import FLEET
 
@@ -164,6 +167,11 @@ class ClusterManager(Rolling, ConfigFlow):
         self._accepted_at = 0.0
         #: workers that had to be killed because they did not stop in time.
         self.killed_on_stop = 0
+        #: reads what a worker process uses (``/proc``); replaced in tests.
+        self.read_usage: Callable[[int], Optional[ProcessUsage]] = usage
+        self._recycling: Optional[defer.Deferred[Any]] = None
+        self._recycle_after = 0.0  # no recycling before (a replacement failed to boot)
+        self._request_limits: dict[int, int] = {}  # pid -> its max_requests with jitter
         events = self.events
         events.listen("worker-state", lambda **_: self._share_fleet())
         events.listen("worker-failed", self._failed)
@@ -320,6 +328,7 @@ class ClusterManager(Rolling, ConfigFlow):
                 )
                 slot.kill("hung")
         self._prune()
+        self._check_recycling()
 
     def _prune(self) -> None:
         for wid in [w for w, s in self.slots.items() if s.status is SlotState.STOPPED]:
@@ -348,19 +357,145 @@ class ClusterManager(Rolling, ConfigFlow):
     def worker_info(self) -> list[dict[str, Any]]:
         """
         One dict per slot: id, pid, restarts, status, started_at (epoch seconds),
-        last_exit, and requests: how many its current process has received (``None``
-        before the process maps the shared table, or without one).
+        last_exit; requests: how many its current process has received, and connections:
+        the client connections it holds (-1 while it does not accept), both ``None``
+        before the process maps the shared table, or without one; rss_bytes and
+        cpu_seconds of its process (from ``/proc``; ``None`` without a process or where
+        ``/proc`` cannot tell).
         """
         offset = time.time() - self.reactor.seconds()
-        counted = {w["pid"]: w["requests"] for w in self.spawner.accept.workers()}
+        table = {w["pid"]: w for w in self.spawner.accept.workers()}
         out = []
         for slot in sorted(self.slots.values(), key=lambda s: s.id):
             info = slot.info()
             if info["started_at"] is not None:
                 info["started_at"] += offset
-            info["requests"] = counted.get(info["pid"])
+            row = table.get(info["pid"])
+            info["requests"] = None if row is None else row["requests"]
+            info["connections"] = None if row is None else row["connections"]
+            used = self.read_usage(slot.pid) if slot.pid is not None and slot.alive else None
+            info["rss_bytes"] = None if used is None else used.rss_bytes
+            info["cpu_seconds"] = None if used is None else used.cpu_seconds
             out.append(info)
         return out
+
+    def processes(self) -> dict[str, int]:
+        """``{worker id: pid}`` of every worker process that may be running."""
+        return {
+            str(slot.id): slot.pid
+            for slot in self.slots.values()
+            if slot.pid is not None and slot.alive
+        }
+
+    # --- for the control API: operations whose outcome the caller waits for ----------
+
+    def roll_and_wait(self) -> defer.Deferred[bool]:
+        """
+        A rolling restart that starts after this call (behind one that runs, rather than
+        merged into it as :meth:`rolling_restart` does); fires ``True`` once it completed,
+        ``False`` if it was aborted.
+        """
+        return self._lock.run(self._roll)
+
+    def reload_and_wait(self) -> defer.Deferred[bool]:
+        """
+        A reload that reads the config after this call (behind one that runs); fires
+        ``True`` once the config is the fleet's, ``False`` if it was refused or aborted.
+        """
+        return self._lock.run(self._reloads)
+
+    # --- recycling (cluster.max_requests, cluster.max_worker_rss) ---------------------
+
+    def _recycle_reason(self, slot: WorkerSlot, served: Optional[int]) -> Optional[str]:
+        cluster = self._slot_config
+        pid = slot.pid
+        assert pid is not None
+        if cluster.max_requests and served is not None:
+            limit = self._request_limits.get(pid)
+            if limit is None:
+                jitter = random.randint(0, cluster.max_requests_jitter)
+                limit = self._request_limits[pid] = cluster.max_requests + jitter
+            if served >= limit:
+                extra = limit - cluster.max_requests
+                jittered = f" + jitter {extra}" if extra else ""
+                return (
+                    f"it received {served} requests "
+                    f"(cluster.max_requests {cluster.max_requests}{jittered})"
+                )
+        if cluster.max_worker_rss:
+            used = self.read_usage(pid)
+            if used is not None and used.rss_bytes > cluster.max_worker_rss * 2**20:
+                return (
+                    f"its resident memory is {used.rss_bytes / 2**20:.1f} MiB "
+                    f"(cluster.max_worker_rss {cluster.max_worker_rss} MiB)"
+                )
+        return None
+
+    def _check_recycling(self) -> None:
+        """On the heartbeat tick: replace one worker past its limits (one at a time)."""
+        cluster = self._slot_config
+        if not (cluster.max_requests or cluster.max_worker_rss):
+            return
+        if self._stopping is not None or self._recycling is not None:
+            return
+        if self.reactor.seconds() < self._recycle_after:
+            return
+        counted = {w["pid"]: w["requests"] for w in self.spawner.accept.workers()}
+        live = {s.pid for s in self.slots.values() if s.pid is not None and s.alive}
+        for pid in [p for p in self._request_limits if p not in live]:
+            del self._request_limits[pid]
+        for slot in sorted(self.slots.values(), key=lambda s: s.id):
+            if not slot.serving or slot.pid is None:
+                continue
+            reason = self._recycle_reason(slot, counted.get(slot.pid))
+            if reason is None:
+                continue
+            recycling = self._recycling = self._lock.run(self._recycle, slot, reason)
+
+            def done(result: Any) -> None:
+                self._recycling = None
+                if isinstance(result, Failure):
+                    self.log.failure("Recycling a worker failed", result)
+
+            recycling.addBoth(done)
+            return
+
+    @defer.inlineCallbacks
+    def _recycle(self, slot: WorkerSlot, reason: str) -> Any:
+        """Surge-first: start the replacement, wait until it is ready, then drain ``slot``."""
+        if self._stopping is not None or not slot.serving:
+            return False
+        self.log.info(
+            "Recycling worker {worker_id} (pid {pid}): {reason}; starting its replacement",
+            worker_id=slot.id,
+            pid=slot.pid,
+            reason=reason,
+        )
+        fresh = self._new_slot()
+        fresh.start()
+        ready = yield fresh.when_ready()
+        if self._stopping is not None:
+            return False
+        if not ready:
+            delay = self._slot_config.max_restart_delay
+            self._recycle_after = self.reactor.seconds() + delay
+            self.log.error(
+                "Recycling worker {worker_id}: its replacement {new_id} did not become "
+                "ready ({status}); worker {worker_id} keeps serving, next try in {delay:g}s",
+                worker_id=slot.id,
+                new_id=fresh.id,
+                status=fresh.status.value,
+                delay=delay,
+            )
+            yield self._stop_slots([fresh])
+            return False
+        self.log.info(
+            "Recycling: worker {new_id} is ready, stopping worker {worker_id}",
+            new_id=fresh.id,
+            worker_id=slot.id,
+        )
+        yield self._stop_slots([slot])
+        return True
 
     def accept_counts(self) -> dict[int, int]:
         """

@@ -1,7 +1,7 @@
 """
-The master's listening sockets: bound once, kept open for the master's whole life, and
-moved to new addresses on a reload the way nginx does it (bind the new ones, roll the
-workers onto them, close the old ones).
+The master's listening sockets: bound once (or adopted from systemd's socket activation),
+kept open for the master's whole life, and moved to new addresses on a reload the way
+nginx does it (bind the new ones, roll the workers onto them, close the old ones).
 """
 
 from __future__ import annotations
@@ -76,6 +76,24 @@ class Listeners:
             self.close()
             raise
         self.accept(staged)
+
+    def adopt(self, config: GatewayConfig, sockets: dict[str, socket.socket]) -> None:
+        """
+        Take sockets bound by someone else (systemd's socket activation) as the listeners
+        ``config`` asks for, instead of binding them.
+
+        They count as bound at the addresses the config gives, so a reload that keeps an
+        address keeps its socket (a reload that moves one binds anew).
+
+        :param config: the config the sockets were matched against.
+        :param sockets: listener name -> socket, one per listener the config asks for
+            (see :func:`bungate.ops.socket_activation.match_listeners`).
+        """
+        wanted = wanted_listeners(config)
+        assert {name for name, _, _, _ in wanted} == set(sockets), (wanted, sockets)
+        for name, _key, host, port in wanted:
+            self.sockets[name] = sockets[name]
+            self._addresses[name] = (host, port)
 
     def stage(self, config: GatewayConfig) -> Staged:
         """

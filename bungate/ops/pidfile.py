@@ -170,6 +170,28 @@ class PidFile:
         os.close(fd)
         return temp
 
+    def check(self) -> None:
+        """
+        Refuse early, before anything is bound: the file names a live bungate process.
+
+        :meth:`acquire` looks again when it writes the file.
+
+        :raises PidFileError: as :meth:`acquire` does for a held file, or when the file
+            cannot be read.
+        """
+        found = self._inspect(os.getpid())
+        if found.kind == "held":
+            raise self._held(found)
+
+    def _held(self, found: _Found) -> PidFileError:
+        return PidFileError(
+            f"pid file {self.path} is held by pid {found.pid}, a running "
+            f"{self.marker} process ({found.detail}): stop it first, or remove "
+            "the file if it is not a gateway",
+            self.path,
+            found.pid,
+        )
+
     def acquire(self) -> str:
         """
         Write this process's pid to the file, unless a live bungate process holds it.
@@ -184,13 +206,7 @@ class PidFile:
         for _attempt in range(_ATTEMPTS):
             found = self._inspect(me)
             if found.kind == "held":
-                raise PidFileError(
-                    f"pid file {self.path} is held by pid {found.pid}, a running "
-                    f"{self.marker} process ({found.detail}): stop it first, or remove "
-                    "the file if it is not a gateway",
-                    self.path,
-                    found.pid,
-                )
+                raise self._held(found)
             try:
                 temp = self._write_temp(me)
             except OSError as e:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from typing import Optional
 
-__all__ = ["make_run_dir", "sweep_stale_run_dirs"]
+__all__ = ["make_run_dir", "own_run_dirs", "sweep_stale_run_dirs"]
 
 
 def make_run_dir(kind: str, parent: Optional[str] = None) -> str:
@@ -27,6 +27,29 @@ def make_run_dir(kind: str, parent: Optional[str] = None) -> str:
     :return: its absolute path.
     """
     return tempfile.mkdtemp(prefix=f"bungate-{kind}-{os.getpid()}-", dir=parent)
+
+
+def own_run_dirs(kind: str, parent: Optional[str] = None) -> list[str]:
+    """
+    The ``bungate-<kind>-<pid>-*`` directories of this process (to hand them to the
+    user the master runs as once it drops root).
+
+    :param kind: as for :func:`make_run_dir`.
+    :param parent: where to look; the system temporary directory when ``None``.
+    :return: their absolute paths.
+    """
+    parent = parent or tempfile.gettempdir()
+    prefix = f"bungate-{kind}-{os.getpid()}-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        path = os.path.join(parent, name)
+        if name.startswith(prefix) and os.path.isdir(path) and not os.path.islink(path):
+            found.append(path)
+    return found
 
 
 def _alive(pid: int) -> bool:
