@@ -109,9 +109,14 @@ class SingleService:
                 sock.close()
             self.ports.append(listening)
         address = main.getHost()
-        log.info("Gateway listening on {host}:{port}", host=address.host, port=address.port)
-        self.reactor.callWhenRunning(self._install_signals)
+        # Said once the signal handlers are in (the reactor runs): a HUP or USR1 sent
+        # on seeing this line must never meet the default action (which terminates).
+        self.reactor.callWhenRunning(self._ready, address.host, address.port)
         return main
+
+    def _ready(self, host: str, port: int) -> None:
+        self._install_signals()
+        log.info("Gateway listening on {host}:{port}", host=host, port=port)
 
     # --- signals ------------------------------------------------------------------------
 

@@ -13,24 +13,31 @@ Limits per connection: at most ``server.http2_max_streams`` concurrent streams a
 header list of ``server.max_header_size`` (advertised in SETTINGS and enforced by h2);
 Twisted bounds the control frames a client makes us buffer and the rate of stream
 resets; HTTP/2 flow control bounds what a client that stops reading makes us hold per
-stream. A drain sends GOAWAY (no new streams; streams in flight finish), then closes
-the connection once its last stream is done.
+stream. A drain sends GOAWAY (no new streams; streams in flight finish; see
+:meth:`GatewayH2Connection.close_when_idle`), then closes the connection once its last
+stream is done.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import h2.events
 import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 
 from bungate.http.tunnel import take_over
 
-__all__ = ["GatewayH2Connection", "switch_to_h2"]
+__all__ = ["GOAWAY_WAIT", "GatewayH2Connection", "switch_to_h2"]
+
+#: Seconds a drain waits for the client to read its first GOAWAY before the final one.
+GOAWAY_WAIT = 1.0
+_DRAIN_PING = b"bg-drain"
 
 
 class GatewayH2Connection(H2Connection):  # type: ignore[misc]
@@ -59,6 +66,21 @@ class GatewayH2Connection(H2Connection):  # type: ignore[misc]
         self.timeOut = limits.keepalive_timeout
         self.callLater = site.clock.callLater  # type: ignore[method-assign]
         self.draining = False
+        self._refusing = False  # the final GOAWAY is out: new streams are refused
+        self._final_goaway: Any = None
+        self._ping_answered = False
+        receive = self.conn.receive_data
+
+        def receive_data(data: bytes) -> Any:
+            events = receive(data)
+            for event in events:
+                if isinstance(event, h2.events.PingAckReceived) and (
+                    event.ping_data == _DRAIN_PING
+                ):
+                    self._ping_answered = True
+            return events
+
+        self.conn.receive_data = receive_data  # type: ignore[method-assign,assignment]
         self.conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -76,13 +98,16 @@ class GatewayH2Connection(H2Connection):  # type: ignore[misc]
         self, reason: Failure = connectionDone, _cancelTimeouts: bool = True
     ) -> None:
         """Unregister from the site."""
+        call, self._final_goaway = self._final_goaway, None
+        if call is not None and call.active():
+            call.cancel()
         super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
         self.site.channel_closed(self)
 
     # --- streams ----------------------------------------------------------------------
 
     def _requestReceived(self, event: Any) -> None:
-        if self.draining:
+        if self._refusing:
             # GOAWAY said no more streams: a client that opens one anyway is told to
             # retry it elsewhere (REFUSED_STREAM is always safe to retry).
             self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
@@ -108,8 +133,21 @@ class GatewayH2Connection(H2Connection):  # type: ignore[misc]
             super()._requestEnded(event)
 
     def _requestAborted(self, event: Any) -> None:
-        if event.stream_id in self.streams:
-            super()._requestAborted(event)
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        request = getattr(stream, "_request", None)
+        if request is not None and request.finished:
+            # The response was complete: Twisted sends END_STREAM in an empty DATA frame
+            # of its own after the body, and a client that took the body as complete by
+            # its Content-Length resets the stream meanwhile (curl does, with
+            # STREAM_CLOSED, for a third of its streams). That costs the server nothing,
+            # so it does not count against the Rapid Reset budget (CVE-2023-44487) that
+            # Twisted keeps for resets of streams still being answered.
+            stream.connectionLost(Failure(ConnectionLost("reset after the response")))
+            self._requestDone(event.stream_id)
+            return
+        super()._requestAborted(event)
 
     def _requestDone(self, streamID: int) -> None:
         request = getattr(self.streams.get(streamID), "_request", None)
@@ -122,25 +160,57 @@ class GatewayH2Connection(H2Connection):  # type: ignore[misc]
                 self.transport.write(self.conn.data_to_send())
             except Exception:  # the client ended the stream meanwhile
                 pass
-        if self.draining and not self.streams:
+        if self._refusing and not self.streams:
             self._close()
 
     # --- drain ------------------------------------------------------------------------
 
     def close_when_idle(self) -> None:
-        """The worker drains: GOAWAY now; close once the streams in flight are done."""
+        """
+        The worker drains: GOAWAY now; close once the streams in flight are done.
+
+        Two GOAWAYs, as RFC 9113 §6.8 advises for a graceful shutdown: the first names
+        the highest possible stream id (no new streams, please; none is refused), with a
+        PING behind it; once the PING's answer shows the client has read it, or after
+        :data:`GOAWAY_WAIT` at most, the second names the last stream really taken.
+        Streams the client had sent before it read the first one are served, not
+        refused.
+        """
         if self.draining or self.transport is None:
             return
         self.draining = True
-        if not self.streams:
-            self._close()
-            return
-        # A GOAWAY naming the last stream we took: the client opens new ones on another
-        # connection (another worker), while h2 goes on with the ones in flight.
+        # Even with no stream open now: requests may be on their way, and a connection
+        # closed under them cannot tell the client which ones were not taken.
+        self._goaway(2**31 - 1)
+        self.conn.ping(_DRAIN_PING)
+        self.transport.write(self.conn.data_to_send())
+        self._final_goaway = self.site.clock.callLater(GOAWAY_WAIT, self._last_goaway)
+
+    def _goaway(self, last_stream_id: int) -> None:
+        # Written as a frame of its own: h2's close_connection would end the connection
+        # for the streams in flight too.
         frame = GoAwayFrame(0)
-        frame.last_stream_id = self.conn.highest_inbound_stream_id
+        frame.last_stream_id = last_stream_id
         frame.error_code = ErrorCodes.NO_ERROR
         self.transport.write(frame.serialize())
+
+    def _last_goaway(self) -> None:
+        call, self._final_goaway = self._final_goaway, None
+        if call is not None and call.active():
+            call.cancel()
+        if self.transport is None or self._refusing:
+            return
+        self._refusing = True
+        self._goaway(self.conn.highest_inbound_stream_id)
+        if not self.streams:
+            self._close()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Read frames; the answer to the drain's PING sends the final GOAWAY."""
+        super().dataReceived(data)
+        if self._ping_answered:
+            self._ping_answered = False
+            self._last_goaway()
 
     def _close(self) -> None:
         if self.transport is None:
