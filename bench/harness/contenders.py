@@ -8,6 +8,7 @@ real request, load, measure through /proc, and kill with its whole process tree.
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import probe, procs
+from . import fixtures, probe, procs
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(BENCH_DIR)
@@ -78,18 +79,54 @@ _NGINX_PROXY = """\
     }}
 """
 
+#: nginx proxying WebSockets (the websocket scenario): the handshake's Upgrade passed on.
+_NGINX_WEBSOCKET = """\
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+        }}
+    }}
+"""
+
+#: nginx ending TLS with HTTP/2 (the h2 scenario), the same keep-alive pool upstream.
+_NGINX_H2 = """\
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2 backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
 _BUNGATE_CONFIG = """\
 server: {{host: 127.0.0.1, port: {port}{server}}}
 cluster: {{enabled: true, workers: {workers}{python}}}
 logger: {{level: warn, request_logging: false}}
 health: {{details: true}}
-routes:
-  - {{pattern: /*, target: "http://127.0.0.1:{upstream_port}"}}
+{top}routes:
+  - {{pattern: /*, target: "http://127.0.0.1:{upstream_port}"{route}}}
 """
 
 
 class Skip(Exception):
     """A contender cannot run here (e.g. PyPy is not installed); the reason is the message."""
+
+
+class Missing(Skip):
+    """A prerequisite tool is not installed (redis-server, h2load): skipped, never a failure."""
 
 
 class Contender:
@@ -105,6 +142,10 @@ class Contender:
     name = "?"
     workers = 0
     worker_title: Optional[str] = None
+    #: Request headers every probe and every load request carries (credentials).
+    load_headers: Dict[str, str] = {}
+    #: HTTPS (a self-signed certificate: probes do not check it).
+    tls = False
 
     def __init__(self, workdir: str) -> None:
         """
@@ -151,7 +192,14 @@ class Contender:
         :raises probe.NotReady: with the reason and the tail of the server's output.
         """
         try:
-            took = probe.wait_ok(self.port, timeout, PATH_SMALL, alive=self.alive)
+            took = probe.wait_ok(
+                self.port,
+                timeout,
+                PATH_SMALL,
+                alive=self.alive,
+                headers=self.load_headers,
+                tls=self.tls,
+            )
         except probe.NotReady as e:
             raise probe.NotReady(f"{e}{self.log_tail()}") from None
         if self.workers:
@@ -193,7 +241,17 @@ class Contender:
 
     def url(self, path: str = PATH_SMALL) -> str:
         """:return: the URL of ``path`` on this server."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
+
+    def helper_pids(self) -> List[int]:
+        """:return: processes the server needs that are not its own (a Redis), whose CPU
+        time is counted apart."""
+        return []
+
+    def counters(self) -> Dict[str, int]:
+        """:return: counters read before and after each counted run (e.g. Redis's
+        commands), ``{}`` when there are none."""
+        return {}
 
     def served(self) -> Optional[Dict[str, int]]:
         """
@@ -252,22 +310,43 @@ class NginxUpstream(Contender):
 class NginxProxy(NginxUpstream):
     """nginx as a reverse proxy with an upstream keep-alive pool."""
 
-    def __init__(self, workdir: str, upstream_port: int, workers: int) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        upstream_port: int,
+        workers: int,
+        websocket: bool = False,
+        tls: Optional[Tuple[str, str]] = None,
+    ) -> None:
         """
         :param workdir: a private temporary directory.
-        :param upstream_port: the upstream nginx's port.
+        :param upstream_port: the upstream's port.
         :param workers: ``worker_processes``.
+        :param websocket: proxy WebSocket handshakes (``Upgrade`` passed on), no pool.
+        :param tls: ``(cert, key)``: listen with ``ssl http2`` instead of plain HTTP.
         """
         Contender.__init__(self, workdir)
         os.chmod(workdir, 0o755)
         self.config_path = os.path.join(workdir, "nginx.conf")
         self.upstream_port = upstream_port
         self.workers = workers
+        self.websocket = websocket
+        self.cert = tls
+        self.tls = tls is not None
         self.name = f"nginx-proxy-{workers}w"
 
     def config(self) -> str:
         """:return: the nginx.conf text."""
-        body = _NGINX_PROXY.format(port=self.port, upstream_port=self.upstream_port)
+        if self.cert:
+            body = _NGINX_H2.format(
+                port=self.port,
+                upstream_port=self.upstream_port,
+                cert=self.cert[0],
+                key=self.cert[1],
+            )
+        else:
+            template = _NGINX_WEBSOCKET if self.websocket else _NGINX_PROXY
+            body = template.format(port=self.port, upstream_port=self.upstream_port)
         return _NGINX_COMMON.format(workers=self.workers, prefix=self.workdir, body=body)
 
 
@@ -332,23 +411,34 @@ class Bungate(Contender):
         python: str,
         workers: int,
         pypy: bool = False,
+        tls: Optional[Tuple[str, str]] = None,
     ) -> None:
         """
         :param workdir: a private temporary directory.
-        :param upstream_port: the upstream nginx's port.
+        :param upstream_port: the upstream's port.
         :param python: the master's interpreter.
         :param workers: ``cluster.workers``.
         :param pypy: workers on PyPy (``cluster.python``: the first of
             :func:`pypy_candidates` that can import bungate and Twisted).
+        :param tls: ``(cert, key)``: ``server.tls`` on (ALPN offers h2 first).
         """
         super().__init__(workdir)
         self.upstream_port = upstream_port
         self.python = python
         self.workers = workers
         self.pypy = pypy
+        self.cert = tls
+        self.tls = tls is not None
         self.worker_python: Optional[str] = None
         self.name = f"bungate-{workers}w" + ("-pypy" if pypy else "")
         self.config_path = os.path.join(workdir, "gateway.yaml")
+
+    #: Added to the route, after its target (``, auth: {...}``): see :class:`BungatePolicy`.
+    route_yaml = ""
+
+    def top_yaml(self) -> str:
+        """:return: top-level lines before ``routes:`` (e.g. ``redis:``), if any."""
+        return ""
 
     def config(self) -> str:
         """:return: the gateway's YAML config."""
@@ -356,12 +446,18 @@ class Bungate(Contender):
         # $BENCH_BUNGATE_SERVER adds keys to the server section, e.g. "eager_writes: off",
         # to measure a setting side by side (run the bench once per value).
         extra = os.environ.get("BENCH_BUNGATE_SERVER", "").strip()
+        server = f", {extra}" if extra else ""
+        if self.cert:
+            cert, key = (json.dumps(p) for p in self.cert)
+            server += f", tls: {{enabled: true, cert: {cert}, key: {key}}}"
         return _BUNGATE_CONFIG.format(
-            server=f", {extra}" if extra else "",
+            server=server,
             port=self.port,
             workers=self.workers,
             python=python,
+            top=self.top_yaml(),
             upstream_port=self.upstream_port,
+            route=self.route_yaml,
         )
 
     def check(self) -> None:
@@ -430,13 +526,118 @@ class Bungate(Contender):
         :return: ``{"<id>/<pid>": requests}``, or ``None`` if ``/health`` did not tell.
         """
         try:
-            status, body, _ = probe.get(self.port, "/health", timeout=5.0)
+            status, body, _ = probe.get(self.port, "/health", timeout=5.0, tls=self.tls)
             workers = json.loads(body).get("workers") if status == 200 else None
             if not workers:
                 return None
             return {f"{w['id']}/{w['pid']}": int(w["requests"]) for w in workers}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+#: The policy scenario's contenders: bungate-2w with one policy on its route.
+POLICIES = ("jwt", "apikey", "ratelimit-local", "ratelimit-redis")
+
+
+class BungatePolicy(Bungate):
+    """
+    bungate-2w (CPython) with one policy on its route ``/*``, and the load's credentials:
+
+    - ``jwt``: ``auth: {jwt: {secret, algorithms: [HS256]}}``; every request carries
+      ``Authorization: Bearer <an HS256 token>`` (``sub``, ``exp`` in a day);
+    - ``apikey``: ``auth: {api_keys: [key]}``; every request carries ``X-API-Key``;
+    - ``ratelimit-local``, ``ratelimit-redis``: ``rate_limit: {max: 100000000, window: 1,
+      backend: ...}`` (never trips); for ``redis`` a ``redis-server`` of its own is
+      started on a free port before the gateway (top-level ``redis.url``) and stopped
+      after it. Its CPU time is counted apart (:meth:`helper_pids`) and its commands are
+      counted around each run (:meth:`counters`): one ``EVALSHA`` per request shows
+      that Redis, not the local fallback, decided.
+    """
+
+    def __init__(self, workdir: str, upstream_port: int, python: str, policy: str) -> None:
+        """
+        :param workdir: a private temporary directory.
+        :param upstream_port: the upstream's port.
+        :param python: the master's and the workers' interpreter (CPython).
+        :param policy: one of :data:`POLICIES`.
+        """
+        super().__init__(workdir, upstream_port, python, 2)
+        self.policy = policy
+        self.name = f"bungate-2w-{policy}"
+        self.redis: Optional[fixtures.RedisServer] = None
+        self.secret = ""
+        if policy == "jwt":
+            self.secret = secrets.token_urlsafe(36)  # 48 characters
+            token = fixtures.hs256_jwt(
+                self.secret, {"sub": "bench", "exp": int(time.time()) + 86400}
+            )
+            self.route_yaml = (
+                f", auth: {{jwt: {{secret: {json.dumps(self.secret)}, algorithms: [HS256]}}}}"
+            )
+            self.load_headers = {"Authorization": f"Bearer {token}"}
+        elif policy == "apikey":
+            self.secret = secrets.token_urlsafe(24)  # 32 characters
+            self.route_yaml = f", auth: {{api_keys: [{json.dumps(self.secret)}]}}"
+            self.load_headers = {"X-API-Key": self.secret}
+        elif policy in ("ratelimit-local", "ratelimit-redis"):
+            backend = policy.split("-")[1]
+            self.route_yaml = f", rate_limit: {{max: 100000000, window: 1, backend: {backend}}}"
+            self.load_headers = {}
+        else:
+            raise ValueError(policy)
+
+    def top_yaml(self) -> str:
+        """:return: ``redis: {url: ...}`` for the Redis backend."""
+        if self.redis is None:
+            return ""
+        return f'redis: {{url: "redis://127.0.0.1:{self.redis.port}/0"}}\n'
+
+    def check(self) -> None:
+        """:raises Skip: for the Redis backend without ``redis-server``."""
+        super().check()
+        if self.policy == "ratelimit-redis" and not shutil.which("redis-server"):
+            raise Missing("redis-server is not on PATH (apt-get install redis-server)")
+
+    def start(self) -> None:
+        """Start the Redis first (Redis backend), then the gateway."""
+        self.check()
+        if self.policy == "ratelimit-redis":
+            self.redis = fixtures.RedisServer(os.path.join(self.workdir, "redis"))
+            self.redis.start()  # FixtureError (an OSError): the contender did not start
+        try:
+            super().start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the gateway, then its Redis."""
+        super().stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def helper_pids(self) -> List[int]:
+        """:return: the Redis server's process, for the Redis backend."""
+        return self.redis.pids() if self.redis is not None else []
+
+    def counters(self) -> Dict[str, int]:
+        """:return: Redis's command counts, for the Redis backend."""
+        return self.redis.counters() if self.redis is not None else {}
+
+
+class WsEcho(Contender):
+    """The websocket scenario's upstream: ``bench/ws.py serve PORT``, one process."""
+
+    name = "ws-direct"
+
+    def __init__(self, workdir: str) -> None:
+        """:param workdir: a private temporary directory."""
+        super().__init__(workdir)
+        self.python = sys.executable
+
+    def command(self) -> List[str]:
+        """:return: the echo server's command line (stdlib only: any python3)."""
+        return [self.python, os.path.join(BENCH_DIR, "ws.py"), "serve", str(self.port)]
 
 
 class BunOriginal(Contender):

@@ -14,6 +14,10 @@ TITLES = {
     "connections per worker",
     "roll-pypy": "One rolling restart (SIGUSR2) under load, second by second, wrk -t1 -c{c} "
     "in back-to-back 1 s runs",
+    "policy": "GET / through bungate-2w with one policy on its route, wrk -t1 -c{c}",
+    "websocket": "WebSocket echo, 64-byte text frames, {c} connections with one message "
+    "in flight each (bench/ws.py)",
+    "h2": "HTTP/2 over TLS, GET / (13-byte body), h2load -t1 -c{c} -m{m}",
 }
 
 COLUMNS = {
@@ -44,6 +48,19 @@ COLUMNS = {
         "held per worker @mid", "RSS MiB",
     ],
     "roll-pypy": ["second", "from s", "req/s", "p99 ms", "errors", "event"],
+    "policy": [
+        "contender", "req/s", "vs plain", "min-max", "p99 ms",
+        "CPU µs/req: server (+ Redis), wrk+upstream", "errors (non-2xx/3xx)", "policy check",
+    ],
+    "websocket": [
+        "contender", "messages/s", "min-max", "p50 ms", "p99 round trip ms", "errors",
+        "CPU µs/msg: server, client+upstream", "cores busy", "RSS MiB", "conns per worker",
+    ],
+    "h2": [
+        "contender", "req/s", "min-max", "succeeded/failed", "request mean ms",
+        "request max ms", "CPU µs/req: server, h2load+upstream", "cores busy", "RSS MiB",
+        "share of requests", "conns per worker",
+    ],
 }  # fmt: skip
 
 
@@ -161,7 +178,45 @@ def _row(scenario: str, name: str, r: Dict[str, object]) -> List[str]:
             _backlog(mid or one, r["ss"]), _shares(one.get("held"), False),
             _shares(mid.get("held"), False), _mib(r["memory"]["total_kib"]),
         ]  # fmt: skip
+    if scenario == "policy":
+        helpers = r.get("cpu_us_helpers")
+        cpu = _num(r.get("cpu_us_server")) + (f" (+ {_num(helpers)})" if helpers else "")
+        ratio = r.get("vs_plain")
+        return [
+            name, _num(r["rps"]), "-" if ratio is None else f"{ratio:.2f}x",
+            f"{_num(r['rps_min'])}-{_num(r['rps_max'])}", _ms(r["p99_ms"]),
+            f"{cpu}, {_num(r.get('cpu_us_wrk_and_upstream'))}",
+            f"{r['errors']} ({r['non_2xx_3xx']})", _policy_seen(r),
+        ]  # fmt: skip
+    if scenario == "websocket":
+        return [
+            name, _num(r["messages_per_s"]),
+            f"{_num(r['messages_per_s_min'])}-{_num(r['messages_per_s_max'])}",
+            _ms(r["p50_ms"]), _ms(r["p99_ms"]), str(r["errors"]),
+            f"{_num(r['cpu_us_server'])}, {_num(r['cpu_us_client_and_upstream'])}",
+            _num(r["cores_busy"], 2), _mib(r["memory"]["total_kib"]),
+            _shares(r.get("connections_per_worker"), False),
+        ]  # fmt: skip
+    if scenario == "h2":
+        return [
+            name, _num(r["rps"]), f"{_num(r['rps_min'])}-{_num(r['rps_max'])}",
+            f"{r['succeeded']:,}/{r['failed']}", _ms(r["request_mean_ms"]),
+            _ms(r["request_max_ms"]),
+            f"{_num(r['cpu_us_server'])}, {_num(r['cpu_us_h2load_and_upstream'])}",
+            _num(r["cores_busy"], 2), _mib(r["memory"]["total_kib"]),
+            _shares(r.get("request_share"), True),
+            _shares(r.get("connections_per_worker"), False),
+        ]  # fmt: skip
     raise ValueError(scenario)
+
+
+def _policy_seen(r: Dict[str, object]) -> str:
+    """The policy check, and for Redis how many decisions it made per request."""
+    seen = str(r.get("check") or "-")
+    per = r.get("redis_decisions_per_request")
+    if per is not None:
+        seen += f"; Redis decisions per request during the runs: {per:.2f}"
+    return seen
 
 
 def _queued(sample: Dict[str, object], ss: bool) -> str:
@@ -223,16 +278,23 @@ def _roll_pypy(name: str, r: Dict[str, object]) -> List[str]:
     return lines
 
 
-def table(scenario: str, results: Dict[str, Dict[str, object]], connections: int) -> str:
+def table(
+    scenario: str,
+    results: Dict[str, Dict[str, object]],
+    connections: int,
+    streams: Optional[int] = None,
+) -> str:
     """
     One scenario as a markdown table with a heading.
 
     :param scenario: one of ``bench/run``'s scenarios.
     :param results: ``{contender name: result}`` from the scenario.
-    :param connections: wrk's connection count, for the heading.
+    :param connections: wrk's (h2load's, the WebSocket client's) connections, for the
+        heading.
+    :param streams: h2load's concurrent streams per connection, for h2's heading.
     :return: markdown text.
     """
-    lines = [f"### {TITLES[scenario].format(c=connections)}", ""]
+    lines = [f"### {TITLES[scenario].format(c=connections, m=streams)}", ""]
     if scenario == "roll-pypy":
         for name, r in results.items():
             if r["status"] == "ok":
@@ -257,7 +319,22 @@ def table(scenario: str, results: Dict[str, Dict[str, object]], connections: int
             "backlog: their limit (Send-Q); held: established connections in each worker's "
             "descriptors; timeouts: wrk's (no answer within 2 s)",
         ]
+    if scenario in NOTES:
+        lines += ["", NOTES[scenario]]
     return "\n".join(lines) + "\n"
+
+
+NOTES = {
+    "policy": "vs plain: req/s over plain bungate-2w's in the same sitting; errors: socket "
+    "errors + non-2xx/3xx (in brackets: wrk's `Non-2xx or 3xx responses`, i.e. refused "
+    "requests: a contender with any fails the run)",
+    "websocket": "round trip: a 64-byte masked text frame out, its echo back, per "
+    "connection; the client and the echo upstream are pure Python (`bench/ws.py`) on the "
+    "same cores: where a server's CPU per message is below client+upstream's, the load is "
+    "the limit and its messages/s a floor",
+    "h2": "h2load reports no percentiles: request time mean is the median over runs of "
+    "its mean, max the largest of any run",
+}
 
 
 def _ok(results: Dict[str, Dict[str, Dict[str, object]]], scenario: str, name: str):

@@ -49,6 +49,11 @@ class Settings:
     roll_pypy_duration: int = 20
     roll_pypy_second: int = 5
     roll_pypy_window: int = 5
+    #: websocket: connections of the load client, each with one message in flight.
+    ws_connections: int = 50
+    #: h2: h2load's connections (``-c``) and concurrent streams per connection (``-m``).
+    h2_clients: int = 10
+    h2_streams: int = 10
 
 
 class Memory:
@@ -141,14 +146,18 @@ def _measured_run(
 
     The CPU accounting tells whether the server or the machine is the limit: the server's
     processes, and wrk plus the upstream (which share the same cores), in microseconds
-    per request, and how many cores all of them kept busy.
+    per request, and how many cores all of them kept busy. A server's helpers (the Redis
+    of a rate limit) are counted apart, and so are its counters (Redis's commands).
     """
     memory = Memory(contender)
     server_pids = contender.pids()
     upstream_pids = upstream.pids() if upstream is not None and upstream is not contender else []
+    helper_pids = contender.helper_pids()
     served_before = contender.served() if contender.workers > 1 else None
-    cpu_server, cpu_upstream, cpu_wrk = (
+    counters_before = contender.counters()
+    cpu_server, cpu_upstream, cpu_wrk, cpu_helpers = (
         _cpu_total(server_pids), _cpu_total(upstream_pids), _children_cpu(),
+        _cpu_total(helper_pids),
     )  # fmt: skip
     started = time.monotonic()
     conns: Dict[int, int] = {}
@@ -158,7 +167,9 @@ def _measured_run(
         if not conns and elapsed >= seconds / 2 and contender.workers > 1:
             conns.update(procs.established_per_pid(contender.worker_pids(), contender.port))
 
-    proc = wrk.start(contender.url(path), seconds, settings.connections)
+    proc = wrk.start(
+        contender.url(path), seconds, settings.connections, headers=contender.load_headers
+    )
     try:
         _during(proc, tick, 0.25)
         result = wrk.finish(proc, timeout=seconds + 15)
@@ -169,6 +180,7 @@ def _measured_run(
     wall = time.monotonic() - started
     cpu_server = _cpu_total(server_pids) - cpu_server
     cpu_others = _cpu_total(upstream_pids) - cpu_upstream + _children_cpu() - cpu_wrk
+    cpu_helpers = _cpu_total(helper_pids) - cpu_helpers
     run = result.as_dict()
     run["memory"] = memory
     if result.requests:
@@ -176,7 +188,16 @@ def _measured_run(
             "server": round(cpu_server / result.requests * 1e6, 1),
             "wrk_and_upstream": round(cpu_others / result.requests * 1e6, 1),
         }
-        run["cores_busy"] = round((cpu_server + cpu_others) / wall, 2)
+        if helper_pids:
+            run["cpu_us_per_request"]["helpers"] = round(cpu_helpers / result.requests * 1e6, 1)
+        run["cores_busy"] = round((cpu_server + cpu_others + cpu_helpers) / wall, 2)
+    if counters_before:
+        after = contender.counters()
+        run["counters"] = {k: after[k] - v for k, v in counters_before.items() if k in after}
+        if result.requests:
+            run["counters_per_request"] = {
+                k: round(v / result.requests, 3) for k, v in run["counters"].items()
+            }
     if contender.workers > 1:
         run["request_share"] = _request_share(served_before, contender.served())
         run["connections"] = conns
@@ -212,14 +233,16 @@ def throughput(
             try:
                 if not c.alive():
                     raise RuntimeError(f"the server exited{c.log_tail()}")
-                status, _, _ = probe.get(c.port, path, timeout=10.0)
+                status, _, _ = probe.get(
+                    c.port, path, timeout=10.0, headers=c.load_headers, tls=c.tls
+                )
                 if status != 200:
                     raise RuntimeError(f"GET {path} answered {status}, not 200")
                 seconds = warmup
                 if rep == 0 and getattr(c, "pypy", False):
                     seconds = max(warmup, settings.warmup_pypy)
                 if seconds:
-                    wrk.run(c.url(path), seconds, settings.connections)
+                    wrk.run(c.url(path), seconds, settings.connections, headers=c.load_headers)
                 run = _measured_run(c, path, settings, settings.duration, upstream)
                 runs[c.name].append(run)
             except (wrk.WrkError, RuntimeError, OSError, http.client.HTTPException) as e:
@@ -263,10 +286,15 @@ def _summarise(runs: List[Dict[str, object]]) -> Dict[str, object]:
         "runs": runs,
     }
     if "cpu_us_per_request" in runs[0]:
-        for key in ("server", "wrk_and_upstream"):
+        for key in ("server", "wrk_and_upstream", "helpers"):
             per_run = [r.get("cpu_us_per_request", {}).get(key) for r in runs]
-            summary[f"cpu_us_{key}"] = _median(per_run)
+            if key != "helpers" or any(v is not None for v in per_run):
+                summary[f"cpu_us_{key}"] = _median(per_run)
         summary["cores_busy"] = _median([r.get("cores_busy") for r in runs])
+    if "counters_per_request" in runs[0]:
+        for key in runs[0]["counters_per_request"]:
+            per_run = [r.get("counters_per_request", {}).get(key) for r in runs]
+            summary[f"{key}_per_request"] = _median(per_run)
     if "connections" in runs[-1]:
         summary["request_share"] = runs[-1]["request_share"]
         summary["connections"] = runs[-1]["connections"]

@@ -91,7 +91,13 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def command(url: str, seconds: int, connections: int = 50, threads: int = 1) -> List[str]:
+def command(
+    url: str,
+    seconds: int,
+    connections: int = 50,
+    threads: int = 1,
+    headers: Optional[Dict[str, str]] = None,
+) -> List[str]:
     """
     The wrk command line we use everywhere.
 
@@ -99,14 +105,17 @@ def command(url: str, seconds: int, connections: int = 50, threads: int = 1) -> 
     :param seconds: the duration, whole seconds (wrk truncates fractions).
     :param connections: concurrent keep-alive connections.
     :param threads: wrk threads.
+    :param headers: request headers to add (``-H "Name: value"``), e.g. credentials.
     :return: argv.
     """
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     return [
         "wrk",
         f"-t{threads}",
         f"-c{connections}",
         f"-d{max(1, int(seconds))}s",
         "--latency",
+        *extra,
         url,
     ]
 
@@ -128,7 +137,13 @@ def _raise_nofile(needed: int):
     return preexec
 
 
-def start(url: str, seconds: int, connections: int = 50, threads: int = 1) -> subprocess.Popen:
+def start(
+    url: str,
+    seconds: int,
+    connections: int = 50,
+    threads: int = 1,
+    headers: Optional[Dict[str, str]] = None,
+) -> subprocess.Popen:
     """
     Start wrk in its own session; collect it with :func:`finish`.
 
@@ -139,10 +154,11 @@ def start(url: str, seconds: int, connections: int = 50, threads: int = 1) -> su
     :param seconds: the duration.
     :param connections: concurrent connections.
     :param threads: wrk threads.
+    :param headers: request headers to add.
     :return: the running wrk.
     """
     return subprocess.Popen(
-        command(url, seconds, connections, threads),
+        command(url, seconds, connections, threads, headers),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -172,7 +188,13 @@ def finish(proc: subprocess.Popen, timeout: float) -> WrkResult:
     return parse(out)
 
 
-def run(url: str, seconds: int, connections: int = 50, threads: int = 1) -> WrkResult:
+def run(
+    url: str,
+    seconds: int,
+    connections: int = 50,
+    threads: int = 1,
+    headers: Optional[Dict[str, str]] = None,
+) -> WrkResult:
     """
     Run wrk to completion.
 
@@ -180,9 +202,10 @@ def run(url: str, seconds: int, connections: int = 50, threads: int = 1) -> WrkR
     :param seconds: the duration.
     :param connections: concurrent connections.
     :param threads: wrk threads.
+    :param headers: request headers to add.
     :return: the parsed figures.
     """
-    proc = start(url, seconds, connections, threads)
+    proc = start(url, seconds, connections, threads, headers)
     try:
         return finish(proc, timeout=seconds + 15)
     finally:
