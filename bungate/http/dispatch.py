@@ -281,7 +281,11 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.request_started()
         if route.slow:
-            self._with_middlewares(request, route)
+            policy = route.policy
+            if route.chain is None and policy is not None and policy.direct:
+                self._with_policy(request, route, policy)
+            else:
+                self._with_middlewares(request, route)
             return
         if not self._allowed(request, route):
             self._not_allowed(request, route)
@@ -410,6 +414,55 @@ class Dispatcher:
         allow = route.allow or _ALLOW_BUT_TRACE
         request.responseHeaders.setRawHeaders(b"allow", [allow])
         self.refuse(request, 405, "method_not_allowed", f"allowed: {allow.decode()}")
+
+    # --- policy without middlewares -------------------------------------------------
+
+    def _with_policy(self, request: GatewayRequest, route: Route, policy: RoutePolicy) -> None:
+        """
+        A route whose policy only lets requests through, refuses them, or adds and
+        removes headers (:attr:`RoutePolicy.direct`): checked without building an
+        upstream request, answered at once when every check is synchronous.
+        """
+        refusal = policy.start(request)
+        if refusal is not None:
+            self._refuse_policy(request, refusal)
+            return
+        if request.finished:  # a CORS preflight, answered
+            return
+        if not self._allowed(request, route):
+            self._not_allowed(request, route)
+            return
+        if policy.checks_requests:
+            try:
+                checked = policy.check_direct(request)
+            except Exception:
+                middleware_failed(request, "request")
+                return
+            if isinstance(checked, defer.Deferred):
+                request.on_abort = checked.cancel
+                checked.addCallback(self._after_policy, request, route)
+                checked.addErrback(self._policy_failed, request)
+                return
+            if checked is not None:
+                self._refuse_policy(request, checked)
+                return
+        self._answer(request, route, None)
+
+    def _after_policy(
+        self, refusal: Optional[Refusal], request: GatewayRequest, route: Route
+    ) -> None:
+        request.on_abort = None
+        if request._disconnected or request.finished:
+            return
+        if refusal is not None:
+            self._refuse_policy(request, refusal)
+            return
+        self._answer(request, route, None)
+
+    def _policy_failed(self, reason: Failure, request: GatewayRequest) -> None:
+        request.on_abort = None
+        if not request._disconnected:
+            middleware_failed(request, "request", reason)
 
     # --- middlewares ------------------------------------------------------------------
 

@@ -120,9 +120,7 @@ class GatewayH2Connection(H2Connection):  # type: ignore[misc]
             # Answered before its body ended (413) and gone: drop the bytes, and give the
             # connection's flow-control window back.
             try:
-                self.conn.acknowledge_received_data(
-                    event.flow_controlled_length, event.stream_id
-                )
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             except Exception:  # the stream is closed in h2's books too: nothing to credit
                 pass
             return

@@ -61,27 +61,35 @@ _REQUEST_SKIP = HOP_BY_HOP | _GATEWAY_SET
 _RESPONSE_HIDE = HOP_BY_HOP | {b"server", b"date", b"x-pad"}
 
 
-def client_headers(request: Any, underscores: bool = False) -> list[tuple[bytes, bytes]]:
+def client_headers(
+    request: Any, underscores: bool = False, drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
     """
     The client's headers that may be passed upstream: without the hop-by-hop ones (the
     fixed set and those the client's own ``Connection`` names, RFC 9110 §7.6.1), without
     those the gateway sets itself, and without names holding ``_`` unless
     ``underscores`` (CGI and WSGI upstreams read ``X_Forwarded_For`` as
-    ``X-Forwarded-For``).
+    ``X-Forwarded-For``), and without the names in ``drop`` (a route policy's).
     """
     source = request.requestHeaders
-    named = _REQUEST_SKIP
+    named = _REQUEST_SKIP | drop if drop else _REQUEST_SKIP
     tokens = source.getRawHeaders(b"connection")
     if tokens:
         named = named | {t.strip().lower() for v in tokens for t in v.split(b",")}
     lines: list[tuple[bytes, bytes]] = []
     for name, values in source.getAllRawHeaders():
         lower = name.lower()
-        if lower in named or (not underscores and b"_" in name):
+        if lower in named or (b"_" in name and (not underscores or _spelt(lower) in drop)):
+            # X_User_Id reaches CGI/WSGI upstreams as X-User-Id: a dropped name is
+            # dropped in every spelling.
             continue
         for value in values:
             lines.append((name, value))
     return lines
+
+
+def _spelt(name: bytes) -> bytes:
+    return name.replace(b"_", b"-")
 
 
 # What a middleware may leave in the upstream request line (RFC 9110 token, origin-form).
@@ -160,7 +168,8 @@ class ReverseProxy:
         if upstream is None:
             method = request.method
             uri = request.uri if request.target is not None else origin_form(request.uri)
-            lines += client_headers(request, self.underscores)
+            lines += client_headers(request, self.underscores, request.upstream_drop)
+            lines += request.upstream_add
             chain = None
         else:
             method = upstream.method

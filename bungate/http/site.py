@@ -135,6 +135,10 @@ class GatewayRequest(server.Request):
     trusted_peer = False
     #: who the caller is once a route's auth passed (:class:`bungate.http.policy.auth.Identity`).
     identity: Any = None
+    #: lower-case header names the upstream must not get from the client (the policy's).
+    upstream_drop: frozenset[bytes] = frozenset()
+    #: header lines the policy adds to the upstream request (the caller's claims).
+    upstream_add: list[tuple[bytes, bytes]] = []
     #: called with the request just before its status line and headers are written
     #: (the route's response policy: CORS, security and rate-limit headers, header rules).
     before_headers: Optional[Callable[[GatewayRequest], None]] = None

@@ -191,9 +191,20 @@ class JwtVerifier:
     :raises ValueError: when ``keys`` cannot serve the configured algorithms.
     """
 
-    def __init__(self, settings: JwtSettings, clock: Clock, keys: KeySource) -> None:
+    def __init__(
+        self, settings: JwtSettings, clock: Clock, keys: KeySource, cache_size: int = 4096
+    ) -> None:
         keys.check_algorithms(settings.algorithms)
         self.settings = settings
+        #: tokens already verified: ``token -> (algorithm, kid, key, claims)``. The
+        #: signature and the parsing are skipped for a token seen before, never the
+        #: claims (``exp``, ``nbf``... are checked again against the clock), and only
+        #: while the key that verified it is still the one for its ``kid`` and ``alg``
+        #: (a JWKS rotation or a key removed makes it a miss).
+        self._verified: Dict[bytes, Tuple[str, Optional[str], Any, Claims]] = {}
+        self._cache_size = cache_size
+        #: hits of that cache (for a metric).
+        self.cache_hits = 0
         self._clock = clock
         self._keys = keys
         self._allowed = frozenset(settings.algorithms)
@@ -209,11 +220,21 @@ class JwtVerifier:
             them, or fails with :class:`AuthError`, once the keys are refreshed.
         :raises AuthError: when the token is refused without a refresh.
         """
-        algorithm, kid = self._read_header(token)
         keys = self._keys
+        seen = self._verified.get(token)
+        if seen is not None and not keys.refresh_due():
+            algorithm, kid, key, claims = seen
+            if keys.key(kid, algorithm) is key:
+                self._check_claims(claims.payload)  # the clock moved on: exp, nbf again
+                self.cache_hits += 1
+                return claims
+            del self._verified[token]
+        algorithm, kid = self._read_header(token)
         key = None if keys.refresh_due() else keys.key(kid, algorithm)
         if key is not None:
-            return self._check(token, key, algorithm)
+            claims = self._check(token, key, algorithm)
+            self._remember(token, algorithm, kid, key, claims)
+            return claims
         pending = keys.refresh()
         if pending is None:
             raise AuthError("unknown_key", detail="no key for the token's kid and alg")
@@ -240,7 +261,17 @@ class JwtVerifier:
         key = self._keys.key(kid, algorithm)
         if key is None:
             raise AuthError("unknown_key", detail="no key for the token's kid and alg")
-        return self._check(token, key, algorithm)
+        claims = self._check(token, key, algorithm)
+        self._remember(token, algorithm, kid, key, claims)
+        return claims
+
+    def _remember(
+        self, token: bytes, algorithm: str, kid: Optional[str], key: Any, claims: Claims
+    ) -> None:
+        verified = self._verified
+        if len(verified) >= self._cache_size:
+            del verified[next(iter(verified))]  # the oldest: dicts keep insertion order
+        verified[token] = (algorithm, kid, key, claims)
 
     def _read_header(self, token: bytes) -> Tuple[str, Optional[str]]:
         if not token:
@@ -288,7 +319,7 @@ class JwtVerifier:
         self._check_claims(payload)
         return Claims(payload=payload, header=decoded["header"])
 
-    def _check_claims(self, payload: Dict[str, Any]) -> None:
+    def _check_claims(self, payload: Mapping[str, Any]) -> None:
         settings = self.settings
         now = self._clock.seconds()
         leeway = settings.leeway
@@ -319,7 +350,7 @@ class JwtVerifier:
                     "insufficient_scope", 403, detail=f"scope {' '.join(lacking)} is required"
                 )
 
-    def _check_audience(self, payload: Dict[str, Any]) -> None:
+    def _check_audience(self, payload: Mapping[str, Any]) -> None:
         if "aud" not in payload:
             if self._audience is not None:
                 raise AuthError("bad_audience", detail="the token has no aud")

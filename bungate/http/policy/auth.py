@@ -438,6 +438,24 @@ class AuthPolicy:
             if b"_" in name and name.lower().replace(b"_", b"-") in self._strip:
                 headers.removeHeader(name)
 
+    @property
+    def stripped(self) -> frozenset[bytes]:
+        """The lower-case names :meth:`strip` removes (without the ``_`` spellings)."""
+        found = self._stripped
+        if found is None:
+            found = self._stripped = frozenset(name.lower() for name in self._strip)
+        return found
+
+    _stripped: Optional[frozenset[bytes]] = None
+
+    def forwarded(self, identity: Optional[Identity]) -> list[tuple[bytes, bytes]]:
+        """What :meth:`forward` would set, as header lines."""
+        if identity is None or not self._forward:
+            return []
+        headers = Headers()
+        self.forward(identity, headers)
+        return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+
     def forward(self, identity: Optional[Identity], headers: Headers) -> None:
         """
         Set the ``forward_claims`` headers from the identity, replacing any there.

@@ -100,6 +100,12 @@ class RoutePolicy:
         self.security = (
             SecurityHeaders(security) if security is not None and security.enabled else None
         )
+        #: whether the request can go upstream as the client sent it, with only headers
+        #: removed and added (:meth:`check_direct`): no hook, header rule or rewrite
+        #: needs the upstream request built first, so the dispatcher skips making one.
+        self.direct = not (self.hooks.before_request or self.request_headers or self.rewrite)
+        #: whether requests go through :meth:`check` (else only headers change).
+        self.checks_requests = bool(self.auth or self.limit or self.hooks.before_request)
 
     @property
     def active(self) -> bool:
@@ -115,10 +121,6 @@ class RoutePolicy:
             or self.security
         )
 
-    @property
-    def checks_requests(self) -> bool:
-        """Whether requests go through :meth:`check` (else only headers change)."""
-        return bool(self.auth or self.limit or self.hooks.before_request)
 
     # --- the request ------------------------------------------------------------------
 
@@ -157,6 +159,53 @@ class RoutePolicy:
                 return d
             return self._after_auth(request, upstream, identity)
         return self._after_auth(request, upstream, None)
+
+    def check_direct(
+        self, request: Any
+    ) -> Union[Optional[Refusal], defer.Deferred[Optional[Refusal]]]:
+        """
+        :meth:`check` for a :attr:`direct` route: the headers the upstream must not get
+        (``request.upstream_drop``) and the ones it gets from the policy
+        (``request.upstream_add``) are left on the request for the proxy.
+        """
+        auth = self.auth
+        if auth is None:
+            return self._limit_direct(request, None)
+        request.upstream_drop = auth.stripped
+        try:
+            identity = auth.authenticate(request)
+        except Exception as e:
+            return self._auth_refusal(request, e)
+        if isinstance(identity, defer.Deferred):
+            return identity.addCallbacks(
+                lambda who: self._limit_direct(request, who),
+                lambda f: self._auth_refusal(request, f.value),
+            )
+        return self._limit_direct(request, identity)
+
+    def _limit_direct(self, request: Any, identity: Any) -> Any:
+        request.identity = identity
+        if self.auth is not None:
+            request.upstream_add = self.auth.forwarded(identity)
+        limit = self.limit
+        if limit is None:
+            return None
+        key = limit.key_of(request, identity)
+        if key is None:
+            return None
+        decision = limit.decide(key)
+        if isinstance(decision, defer.Deferred):
+            return decision.addCallback(lambda d: self._limit_verdict(request, d))
+        return self._limit_verdict(request, decision)
+
+    def _limit_verdict(self, request: Any, decision: Any) -> Optional[Refusal]:
+        limit = self.limit
+        if not decision.allowed:
+            status, headers, body = limit.refusal(decision, request.request_id.decode("latin-1"))
+            return Refusal(status, "rate_limited", tuple(headers), body)
+        if limit.send_headers:
+            request.rate_limit_headers = limit.headers(decision)
+        return None
 
     def _auth_refusal(self, request: Any, error: Any) -> Refusal:
         from bungate.core.auth import AuthError

@@ -413,3 +413,61 @@ def test_verify_deferred_always_gives_a_deferred() -> None:
     assert isinstance(bad, Deferred)
     with pytest.raises(AuthError):
         outcome(bad)
+
+
+# --- the cache of verified tokens -------------------------------------------------------
+
+
+class _SwitchableKey:
+    """A key source whose one key can be replaced (a rotation), counting key look-ups."""
+
+    def __init__(self, key: bytes) -> None:
+        self.current = key
+
+    def check_algorithms(self, algorithms: Tuple[str, ...]) -> None:
+        pass
+
+    def refresh_due(self) -> bool:
+        return False
+
+    def key(self, kid: Optional[str], algorithm: str) -> Any:
+        return self.current
+
+    def refresh(self) -> None:
+        return None
+
+
+def test_a_token_seen_before_skips_the_signature_but_never_the_clock(monkeypatch: Any) -> None:
+    clock = clock_at()
+    verifier = hs_verifier(clock)
+    token = mint(claims(exp=NOW + 10), SECRET, "HS256")
+    assert outcome(verifier.verify(token)).subject == "alice"
+    decodes: List[Any] = []
+    original = verifier._jws.decode_complete
+    monkeypatch.setattr(
+        verifier._jws, "decode_complete", lambda *a, **k: decodes.append(1) or original(*a, **k)
+    )
+    for _ in range(3):
+        assert outcome(verifier.verify(token)).subject == "alice"
+    assert decodes == [] and verifier.cache_hits == 3
+    clock.advance(10)
+    assert refusal(verifier, token).reason == "expired"
+
+
+def test_a_rotated_key_makes_a_cached_token_verify_again() -> None:
+    source = _SwitchableKey(SECRET)
+    verifier = JwtVerifier(JwtSettings(algorithms=("HS256",)), clock_at(), source)  # type: ignore[arg-type]
+    token = mint(claims(), SECRET, "HS256")
+    assert outcome(verifier.verify(token)).subject == "alice"
+    source.current = b"another secret of at least thirty-two bytes!"
+    assert refusal(verifier, token).reason == "bad_signature"
+
+
+def test_the_cache_is_bounded() -> None:
+    verifier = JwtVerifier(
+        JwtSettings(algorithms=("HS256",)), clock_at(), SecretKey(SECRET), cache_size=2
+    )
+    tokens = [mint(claims(sub=f"u{i}"), SECRET, "HS256") for i in range(5)]
+    for token in tokens:
+        outcome(verifier.verify(token))
+    assert list(verifier._verified) == tokens[-2:]

@@ -131,3 +131,22 @@ def test_excluded_paths_and_a_top_level_default_with_a_route_off(gateways, captu
     assert (yield send(gw, get(b"/api/x")))[0] == 401
     assert (yield send(gw, get(b"/other")))[0] == 401  # the top-level default
     assert (yield send(gw, get(b"/other", b"X-API-Key: " + KEY.encode())))[0] == 200
+
+
+@pytest_twisted.inlineCallbacks
+def test_forged_identity_headers_are_dropped_in_every_spelling(gateways, capture):  # noqa: F811
+    gw = yield gateways({"server": {"underscores_in_headers": True}}, protected(capture))
+    status, _, _ = yield send(
+        gw,
+        get(
+            b"/admin/users",
+            b"X-API-Key: " + KEY.encode(),
+            b"X_User_Id: root",
+            b"x-user-id: root",
+            b"X-User-Scope: admin",
+        ),
+    )
+    assert status == 200
+    seen = capture.requests[-1]
+    assert seen.header(b"x-user-id") == [b"deploy-bot"]
+    assert seen.header(b"x_user_id") == [] and seen.header(b"x-user-scope") == []
