@@ -28,8 +28,12 @@ __all__ = ["AUTO_SECONDS", "warm_up", "warmup_seconds"]
 
 #: ``cluster.warmup: auto`` on PyPy (none on CPython, which has no JIT to warm).
 AUTO_SECONDS = 3.0
-#: Client connections the warm-up keeps busy at once.
-CONNECTIONS = 8
+#: Client connections the warm-up keeps busy at once. One: the JIT needs iterations,
+#: not throughput, and the warm-up's CPU is taken from the workers serving meanwhile
+#: (measured by bench/run's roll-pypy on 2 cores: 8 connections gave 0.48-0.58x of the
+#: steady throughput in the 5 s after a USR2, 2 gave 0.61-0.63x, 1 gave 0.64-0.70x;
+#: none, before cluster.warmup existed, 0.37x).
+CONNECTIONS = 1
 
 log = Logger(namespace="bungate.worker")
 
