@@ -140,6 +140,8 @@ class GatewayApp:
         self.tunnels = Tunnels(
             reactor, max_open=config.server.max_tunnels_per_worker, idle_timeout=3600.0
         )
+        if metrics is not None:
+            _count_tunnels(self.tunnels, metrics)
         self.dispatcher.proxy.tunnels = self.tunnels
         self.site = GatewaySite(
             self.dispatcher,
@@ -309,3 +311,12 @@ def _rejected(
             )
 
     return rejected
+
+
+def _count_tunnels(tunnels: Tunnels, metrics: GatewayMetrics) -> None:
+    """Count ``tunnels``' openings, refusals, closes and bytes in ``metrics``."""
+    tunnels.on_opened = lambda _tunnel: metrics.tunnel_opened()
+    tunnels.on_refused = metrics.tunnel_refused
+    tunnels.on_closed = lambda tunnel, reason: metrics.tunnel_closed(
+        reason, tunnel.client_to_upstream, tunnel.upstream_to_client
+    )

@@ -470,6 +470,8 @@ class _ProxySink:
         upstream, leftover = self.exchange.detach()
         tunnels = self.proxy.tunnels
         if tunnels is None or not tunnels.has_room:
+            if tunnels is not None:
+                tunnels.refuse()
             upstream.abortConnection()
             request.refused = "too_many_tunnels"
             json_response(

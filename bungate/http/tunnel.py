@@ -610,6 +610,10 @@ class Tunnels:
     :param flush_timeout: passed to each :class:`Tunnel`.
     :param on_closed: called with each tunnel and its reason once it has closed (after
         the registry has counted it).
+    :param on_opened: called with each tunnel once it is open (before ``on_closed`` even
+        for a tunnel that closes at once).
+    :param on_refused: called for each tunnel refused (:meth:`refuse`, or
+        :meth:`try_open` without room).
     :param random_bytes: the source of masking keys, passed to each :class:`Tunnel`.
     """
 
@@ -621,9 +625,13 @@ class Tunnels:
         idle_timeout: float = 300.0,
         flush_timeout: float = 10.0,
         on_closed: Optional[Callable[[Tunnel, str], None]] = None,
+        on_opened: Optional[Callable[[Tunnel], None]] = None,
+        on_refused: Optional[Callable[[], None]] = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.clock = clock
+        self.on_opened = on_opened
+        self.on_refused = on_refused
         self.max_open = max_open
         self.idle_timeout = idle_timeout
         self.flush_timeout = flush_timeout
@@ -666,7 +674,7 @@ class Tunnels:
             touched (the caller answers the client, e.g. 503, and closes the upstream).
         """
         if not self.has_room:
-            self.refused += 1
+            self.refuse()
             return None
         self.opened += 1
         box: List[Tunnel] = []
@@ -692,9 +700,17 @@ class Tunnels:
         )
         box.append(tunnel)
         self.tunnels.add(tunnel)
+        if self.on_opened is not None:
+            self.on_opened(tunnel)
         if early:
             self._closed(tunnel, early[0])
         return tunnel
+
+    def refuse(self) -> None:
+        """Count a tunnel the caller refused because :attr:`has_room` was false."""
+        self.refused += 1
+        if self.on_refused is not None:
+            self.on_refused()
 
     def going_away_all(self, grace: float, reason: bytes = b"") -> defer.Deferred[None]:
         """

@@ -218,6 +218,7 @@ class GatewayMetrics:
         self._error_children: dict[tuple[str, str], Any] = {}
         self._target_children: dict[tuple[str, str], Any] = {}
         self._rejected_children: dict[tuple[int, str], Any] = {}
+        self._tunnel_close_children: dict[str, Any] = {}
         if not enabled:
             return
         path = _sync_value_class()
@@ -256,6 +257,38 @@ class GatewayMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        self._tunnels_open = Gauge(
+            "bungate_websocket_tunnels_open",
+            "WebSocket tunnels open right now, summed over live workers.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._tunnels_opened = Counter(
+            "bungate_websocket_tunnels_opened_total",
+            "WebSocket tunnels opened (upstream answered 101 and the tunnel started).",
+            registry=reg,
+        )
+        self._tunnels_refused = Counter(
+            "bungate_websocket_tunnels_refused_total",
+            "WebSocket upgrades answered 503 because the worker was at "
+            "server.max_tunnels_per_worker or draining.",
+            registry=reg,
+        )
+        self._tunnels_closed = Counter(
+            "bungate_websocket_tunnels_closed_total",
+            "WebSocket tunnels closed, by reason.",
+            ("reason",),
+            registry=reg,
+        )
+        tunnel_bytes = Counter(
+            "bungate_websocket_bytes_total",
+            "Bytes relayed by WebSocket tunnels once they closed, by direction "
+            "(up: client to upstream, down: upstream to client).",
+            ("direction",),
+            registry=reg,
+        )
+        self._tunnel_bytes_up = tunnel_bytes.labels("up")
+        self._tunnel_bytes_down = tunnel_bytes.labels("down")
         # Load-balanced routes. Each worker keeps its own view of its targets (health
         # checks and breakers run per worker), so the fleet-wide gauges merge the live
         # workers' views pessimistically: a target reads healthy only when every live
@@ -284,6 +317,36 @@ class GatewayMetrics:
             registry=reg,
             multiprocess_mode="livemax",
         )
+
+    def tunnel_opened(self) -> None:
+        """Count a WebSocket tunnel that opened; pair it with :meth:`tunnel_closed`."""
+        if self.enabled:
+            self._tunnels_open.inc()
+            self._tunnels_opened.inc()
+
+    def tunnel_refused(self) -> None:
+        """Count a WebSocket upgrade refused because the worker had no room for a tunnel."""
+        if self.enabled:
+            self._tunnels_refused.inc()
+
+    def tunnel_closed(self, reason: str, client_to_upstream: int, upstream_to_client: int) -> None:
+        """
+        Count a WebSocket tunnel that closed, and the bytes it relayed.
+
+        :param reason: why it closed (a short word of :mod:`bungate.http.tunnel`, e.g.
+            ``client_closed``, ``idle_timeout``, ``drain``).
+        :param client_to_upstream: bytes relayed from the client to the upstream.
+        :param upstream_to_client: bytes relayed from the upstream to the client.
+        """
+        if not self.enabled:
+            return
+        self._tunnels_open.dec()
+        child = self._tunnel_close_children.get(reason)
+        if child is None:
+            child = self._tunnel_close_children[reason] = self._tunnels_closed.labels(reason)
+        child.inc()
+        self._tunnel_bytes_up.inc(client_to_upstream)
+        self._tunnel_bytes_down.inc(upstream_to_client)
 
     def request_rejected(self, status: int, reason: str) -> None:
         """

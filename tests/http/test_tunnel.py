@@ -877,6 +877,7 @@ def test_cap_refuses_tunnels_beyond_max_open(harness: Harness) -> Any:
     yield harness.until(lambda: second.close_info, "the refused handshake")
     assert not second.opened
     assert proxy.tunnels.refused == 1 and proxy.tunnels.open == 1
+    assert proxy.tunnels.totals().refused == 1
     first.sendClose(1000)
     yield harness.tunnel_closed(only(proxy.opened))
     third = yield harness.client(port)

@@ -17,7 +17,15 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from bungate import Gateway
 from bungate.core.wsframe import CLOSE_GOING_AWAY
 from tests.http.test_proxy import raw_request, split
-from tests.http.test_tunnel import AUTOBAHN_OPTIONS, MIB, ClientFactory, EchoFactory, Watch, pattern
+from tests.http.test_tunnel import (
+    AUTOBAHN_OPTIONS,
+    MIB,
+    ClientFactory,
+    EchoFactory,
+    Watch,
+    pattern,
+    upgrade_head,
+)
 from tests.tlskit import write_pair
 
 reactor: Any = _reactor
@@ -184,3 +192,17 @@ def test_the_handshake_goes_through_the_routes_auth(gateways, echo, watch):
     assert status == 101 and headers[b"upgrade"][0].lower() == b"websocket"
     assert headers[b"sec-websocket-accept"] == [b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="]
     yield watch.until(lambda: echo.servers and echo.servers[-1].opened, "the upstream open")
+
+
+@pytest_twisted.inlineCallbacks
+def test_past_the_tunnel_cap_a_handshake_gets_503_and_is_counted(gateways, echo, watch):
+    gw = yield gateways([{"pattern": "/ws/*", "target": echo.url}], max_tunnels_per_worker=1)
+    first = yield connect(watch, gw)
+    port = gw.ports[0].getHost().port
+    answer = yield threads.deferToThread(raw_request, port, upgrade_head("/ws/echo"), False)
+    status, headers, _body = split(answer)
+    assert status == 503 and b"upgrade" not in headers
+    tunnels = gw._service.app.tunnels
+    assert tunnels.refused == 1 and tunnels.open == 1
+    first.sendMessage(b"still served")
+    yield watch.until(lambda: first.messages, "the first tunnel's echo")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
-from twisted.internet import threads
+from twisted.internet import task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from bungate.core.wsframe import CLOSE_GOING_AWAY
@@ -145,3 +145,57 @@ def test_http2_under_load_through_a_roll_fails_no_request(
     outcomes = Counter(done.stdout.split("\n")[:-1])
     assert outcomes == {"200 2": 1500}, (outcomes, done.stderr[-2000:])
     assert gw.count(r"Worker \d+ exited .*: stopped", since=mark) == 2
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest_twisted.inlineCallbacks
+def test_open_tunnels_are_counted_in_metrics_and_in_the_connection_count(
+    reactor, gateways, echo, watch
+):
+    import treq
+
+    config = ws_config(echo.url, workers=2)
+    config["metrics"] = {"enabled": True}
+    gw = yield gateways(config).start()
+    clients = []
+    for i in range(3):
+        client = yield open_client(reactor, watch, gw.port)
+        client.sendMessage(b"hello %d" % i)
+        clients.append(client)
+    yield watch.until(lambda: all(c.messages for c in clients), "the echoes")
+
+    def scrape() -> Any:
+        d = treq.get(gw.url + "/metrics", persistent=False)
+        return d.addCallback(treq.text_content).addCallback(_samples)
+
+    samples = yield scrape()
+    assert samples[("bungate_websocket_tunnels_open", ())] == 3
+    assert samples[("bungate_websocket_tunnels_opened_total", ())] == 3
+    health = yield treq.get(gw.url + "/health", persistent=False).addCallback(treq.json_content)
+    # The tunnels hold their workers' connections (plus the /health request's own).
+    assert sum(w["connections"] for w in health["workers"]) >= 3
+
+    clients[0].sendClose(1000)
+    yield watch.until(lambda: clients[0].close_info is not None, "the close")
+    deadline = reactor.seconds() + 10
+    while True:  # the worker counts the close once both sides are gone
+        s = yield scrape()
+        if s[("bungate_websocket_tunnels_open", ())] == 2:
+            break
+        assert reactor.seconds() < deadline, "the metrics never counted the closed tunnel"
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    closes = {k: v for k, v in s.items() if k[0] == "bungate_websocket_tunnels_closed_total"}
+    # After the close handshake the server closes TCP first (RFC 6455 §7.1.1).
+    key = ("bungate_websocket_tunnels_closed_total", (("reason", "upstream_closed"),))
+    assert closes == {key: 1}, closes
+    assert s[("bungate_websocket_bytes_total", (("direction", "up"),))] > len(b"hello 0")
+    assert s[("bungate_websocket_bytes_total", (("direction", "down"),))] > len(b"hello 0")

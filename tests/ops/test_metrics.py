@@ -319,3 +319,30 @@ async def test_scrapes_over_new_connections_agree(tmp_path: Path) -> None:
     finally:
         await pool.closeCachedConnections()
         await port.stopListening()
+
+
+def test_tunnels_are_counted_open_refused_closed_and_in_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    registry = CollectorRegistry()
+    m = GatewayMetrics(registry=registry)
+    m.tunnel_opened()
+    m.tunnel_opened()
+    m.tunnel_refused()
+    m.tunnel_closed("idle_timeout", 10, 200)
+    assert registry.get_sample_value("bungate_websocket_tunnels_open") == 1
+    assert registry.get_sample_value("bungate_websocket_tunnels_opened_total") == 2
+    assert registry.get_sample_value("bungate_websocket_tunnels_refused_total") == 1
+    assert (
+        registry.get_sample_value(
+            "bungate_websocket_tunnels_closed_total", {"reason": "idle_timeout"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("bungate_websocket_bytes_total", {"direction": "up"}) == 10
+    assert registry.get_sample_value("bungate_websocket_bytes_total", {"direction": "down"}) == 200
+    disabled = GatewayMetrics(enabled=False)
+    disabled.tunnel_opened()
+    disabled.tunnel_refused()
+    disabled.tunnel_closed("drain", 1, 1)
