@@ -235,18 +235,26 @@ class GatewayApp:
         ``timeout`` seconds), then the idle upstream connections.
         """
         self.dispatcher.close()
-        tunnels = self.tunnels
         # Open tunnels run until the deadline, then end with a 1001 close frame within a
-        # grace before it; new handshakes are refused at once (other workers take them).
-        tunnels.draining = True
-        if tunnels.open:
-            grace = min(5.0, timeout / 4)
-            self.reactor.callLater(max(0.0, timeout - grace), tunnels.going_away_all, grace)
+        # grace before it. New connections go to other workers (the ports close now); a
+        # handshake this worker accepted before, or one on a connection it still serves,
+        # is an in-flight request like any other: it becomes a tunnel with the same
+        # deadline rather than a 503. Only once the going-away began are upgrades refused.
+        grace = min(5.0, timeout / 4)
+        going_away = self.reactor.callLater(
+            max(0.0, timeout - grace), self.tunnels.going_away_all, grace
+        )
         stops = [defer.maybeDeferred(p.stopListening) for p in ports]
         d: defer.Deferred[Any] = defer.gatherResults(stops)
         d.addCallback(lambda _: self.site.drain(timeout))
         d.addCallback(lambda _: self.dispatcher.close_connections())
-        return d
+
+        def drained(result: Any) -> Any:
+            if going_away.active():  # every connection, tunnels included, ended first
+                going_away.cancel()
+            return result
+
+        return d.addBoth(drained)
 
 
 AccessLog = Callable[..., None]

@@ -331,7 +331,15 @@ class WorkerService:
         if self.accept is not None:
             self.accept.leave()
         ports, self.ports = self.ports, []
-        work = self.app.close(ports, self.config.cluster.shutdown_timeout)
+        timeout = self.config.cluster.shutdown_timeout
+        work = self.app.close(ports, timeout)
+        log.info(
+            "Draining: stopped accepting; waiting up to {timeout:g}s for {connections} "
+            "connection(s), {tunnels} of them WebSocket tunnel(s)",
+            timeout=timeout,
+            connections=len(self.app.site.channels),
+            tunnels=self.app.tunnels.open,
+        )
         work.addBoth(lambda _: closing.fire(None))
         return closing.wait()
 

@@ -5,6 +5,8 @@ process, to an autobahn echo server; plain and TLS listeners, a balanced route, 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 import pytest
@@ -12,18 +14,23 @@ import pytest_twisted
 from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
 from bungate import Gateway
 from bungate.core.wsframe import CLOSE_GOING_AWAY
+from bungate.testing import wait_until
 from tests.http.test_proxy import raw_request, split
 from tests.http.test_tunnel import (
     AUTOBAHN_OPTIONS,
+    CLOSE,
+    KEY,
     MIB,
     ClientFactory,
     EchoFactory,
     Watch,
     pattern,
+    server_frames,
     upgrade_head,
 )
 from tests.tlskit import write_pair
@@ -206,3 +213,68 @@ def test_past_the_tunnel_cap_a_handshake_gets_503_and_is_counted(gateways, echo,
     assert tunnels.refused == 1 and tunnels.open == 1
     first.sendMessage(b"still served")
     yield watch.until(lambda: first.messages, "the first tunnel's echo")
+
+
+class _HeldUpstream(Protocol):
+    """An upstream that answers a handshake with 101 only when the test says so."""
+
+    def __init__(self, box: dict[str, Any]) -> None:
+        self.box = box
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"\r\n\r\n" in self.received:
+            self.box["upstream"] = self
+
+    def switch(self) -> None:
+        accept = base64.b64encode(
+            hashlib.sha1(KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        )
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+
+
+class _RawClient(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_handshake_in_flight_when_the_drain_starts_becomes_a_tunnel_until_the_deadline(
+    gateways, watch
+):
+    box: dict[str, Any] = {}
+    factory = Factory.forProtocol(lambda: _HeldUpstream(box))
+    upstream_port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{upstream_port.getHost().port}"
+        gw = yield gateways([{"pattern": "/ws/*", "target": url}])
+        port = gw.ports[0].getHost().port
+        client = _RawClient()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        client.transport.write(upgrade_head("/ws/held"))
+        yield wait_until(reactor, lambda: "upstream" in box, what="the upstream's handshake")
+        started = reactor.seconds()
+        closing = gw.close()  # shutdown_timeout 2 s: going away at 1.5 s
+        box["upstream"].switch()
+        yield wait_until(reactor, lambda: b"\r\n\r\n" in client.received, what="the answer")
+        assert client.received.startswith(b"HTTP/1.1 101 "), client.received[:80]
+        # The tunnel lives until the going-away, which sends the client a 1001 close.
+        yield wait_until(
+            reactor,
+            lambda: server_frames(client.received.split(b"\r\n\r\n", 1)[1]),
+            timeout=10,
+            what="the going-away close frame",
+        )
+        frames = server_frames(client.received.split(b"\r\n\r\n", 1)[1])
+        assert frames[0][0] == CLOSE and frames[0][1][:2] == CLOSE_GOING_AWAY.to_bytes(2, "big")
+        assert reactor.seconds() - started >= 1.5 - 0.2
+        yield closing
+    finally:
+        yield upstream_port.stopListening()

@@ -70,7 +70,9 @@ def test_a_tunnel_outlives_its_workers_drain_until_the_deadline(
     mark = gw.mark()
     started = reactor.seconds()
     gw.signal(signal.SIGUSR2 if how == "roll" else signal.SIGTTOU)
-    yield gw.wait_for(r"Worker \d+ stopping", since=mark, timeout=30)
+    # The master logs "stopping" when it tells a worker; the worker logs "Draining" once
+    # it stopped accepting (before that, a new connection may still land on it).
+    yield gw.wait_for(r"Draining: stopped accepting", since=mark, timeout=30)
     # Draining workers keep their tunnels: every client is still echoed.
     for i, client in enumerate(clients):
         client.sendMessage(b"during %d" % i)
