@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
-import yaml
 
 from bungate.config.errors import ConfigError, combine
+from bungate.config.order import in_document_order
 from bungate.config.policy import (
     AuthConfig,
     CorsConfig,
@@ -52,7 +52,6 @@ from bungate.config.sections import custom_reader as _custom
 from bungate.config.sections import each as _each
 from bungate.config.sections import read_section
 from bungate.config.sections import section_check as _check
-from bungate.config.sections import under as _under
 from bungate.core.clientaddr import TrustedProxies
 from bungate.core.routing import PatternError, compile_pattern
 from bungate.core.target import TargetError, normalize_path
@@ -60,11 +59,8 @@ from bungate.core.target import TargetError, normalize_path
 __all__ = [
     "check_patterns",
     "check_upstream_url",
-    "load_config",
     "parse_config",
     "parse_route",
-    "warnings",
-    "with_overrides",
 ]
 
 T = TypeVar("T")
@@ -563,53 +559,6 @@ def _route(source: str, index: int, item: object) -> RouteConfig:
 # --- entry points ------------------------------------------------------------------------
 
 
-def _position(data: object, key: str) -> tuple[int, ...]:
-    """
-    Where dotted ``key`` is written in ``data``: the index of each step, mapping keys in
-    the order they are written. A key that is not written (``is required``) sorts after
-    the keys written next to it.
-    """
-    position: list[int] = []
-    node, rest = data, key
-    while rest:
-        if isinstance(node, Mapping):
-            # the longest key that starts ``rest``: a host name in a key may hold dots
-            best: Optional[tuple[int, str]] = None
-            for i, name in enumerate(node):
-                if isinstance(name, str) and _under(rest, name) and name:
-                    if best is None or len(name) > len(best[1]):
-                        best = (i, name)
-            if best is None:
-                position.append(len(node))
-                break
-            position.append(best[0])
-            node, rest = node[best[1]], rest[len(best[1]) :]
-        elif isinstance(node, (list, tuple)):
-            index = re.match(r"\[(\d+)\]", rest)
-            if index is None:
-                break
-            i = int(index.group(1))
-            position.append(i)
-            node, rest = (node[i] if i < len(node) else None), rest[index.end() :]
-        else:
-            break
-        if rest.startswith("."):
-            rest = rest[1:]
-    return tuple(position)
-
-
-def _in_document_order(error: ConfigError, data: object, prefix: str = "") -> ConfigError:
-    """``error``'s problems as one error, in the order their keys appear in ``data``."""
-
-    def where(e: ConfigError) -> tuple[int, ...]:
-        key = e.key
-        if prefix and _under(key, prefix):
-            key = key[len(prefix) :].lstrip(".")
-        return _position(data, key)
-
-    return combine(sorted(error.errors, key=where))
-
-
 def parse_route(source: str, index: int, item: Mapping[str, Any]) -> RouteConfig:
     """
     Validate one route mapping (used by ``Gateway.add_route``).
@@ -620,7 +569,7 @@ def parse_route(source: str, index: int, item: Mapping[str, Any]) -> RouteConfig
     try:
         return _route(source, index, item)
     except ConfigError as e:
-        raise _in_document_order(e, item, f"routes[{index}]") from None
+        raise in_document_order(e, item, f"routes[{index}]") from None
 
 
 def parse_config(data: object, source: str = "<dict>") -> GatewayConfig:
@@ -636,93 +585,5 @@ def parse_config(data: object, source: str = "<dict>") -> GatewayConfig:
     try:
         config = read_section(_Reader(source, "", data), GatewayConfig)
     except ConfigError as e:
-        raise _in_document_order(e, data) from None
+        raise in_document_order(e, data) from None
     return attrs.evolve(config, source=source)
-
-
-def warnings(config: GatewayConfig) -> list[str]:
-    """
-    What is valid in ``config`` but probably not what the operator meant, one line each
-    (``SOURCE: KEY: WHAT``), for the entry points to log and print.
-    """
-    source = config.source
-    found: list[str] = []
-    if not config.routes:
-        answered = []
-        if config.health.enabled:
-            answered.append(config.health.path)
-        if config.metrics.enabled and config.metrics.listen is None:
-            answered.append(config.metrics.path)
-        others = (
-            f"every request other than {' and '.join(answered)}" if answered else "every request"
-        )
-        found.append(f"{source}: routes: none configured: {others} gets 404")
-    tls = config.server.tls
-    if tls.redirect_http is not None and not tls.enabled:
-        found.append(
-            f"{source}: server.tls.redirect_http: ignored: server.tls.enabled is false, so "
-            "no redirect listener is opened"
-        )
-    elif tls.redirect_http is not None and not tls.redirect_http.allowed_hosts:
-        found.append(
-            f"{source}: server.tls.redirect_http.allowed_hosts: empty: the redirect follows "
-            "any Host header, so a forged one picks where clients are sent; list the host "
-            "names this gateway serves"
-        )
-    for i, route in enumerate(config.routes):
-        if not route.tls_verify and _https_upstreams(route):
-            found.append(
-                f"{source}: routes[{i}].tls_verify: false: the certificate of its https "
-                "upstream is not checked, so anyone on the path can pose as it"
-            )
-    return found
-
-
-def _https_upstreams(route: RouteConfig) -> bool:
-    urls = [route.target] if route.target else []
-    if route.load_balancer is not None:
-        urls.extend(t.url for t in route.load_balancer.targets)
-    return any(url is not None and url.startswith("https://") for url in urls)
-
-
-def load_config(path: str) -> GatewayConfig:
-    """
-    Read and validate a YAML config file.
-
-    :raises ConfigError: when the file is missing, unreadable, not YAML or not valid.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read the config file: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(path, "", f"is not valid YAML{where}: {problem}") from None
-    return parse_config({} if data is None else data, source=path)
-
-
-def with_overrides(
-    config: GatewayConfig,
-    *,
-    port: Optional[int] = None,
-    workers: Optional[int] = None,
-    python: Optional[str] = None,
-) -> GatewayConfig:
-    """
-    Apply command-line overrides (``--port``, ``--workers``, ``--python``) to a config.
-
-    ``workers`` also turns cluster mode on.
-    """
-    server, cluster = config.server, config.cluster
-    if port is not None:
-        server = attrs.evolve(server, port=port)
-    if workers is not None:
-        cluster = attrs.evolve(cluster, workers=workers, enabled=True)
-    if python is not None:
-        cluster = attrs.evolve(cluster, python=python)
-    return attrs.evolve(config, server=server, cluster=cluster)

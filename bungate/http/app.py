@@ -22,7 +22,7 @@ from bungate.http.redirect import RedirectResource
 from bungate.http.site import GatewayRequest, GatewaySite, Limits, SideSite
 from bungate.http.tls import server_tls_factory
 from bungate.http.transport import eager_writes
-from bungate.http.tunnel import Tunnels
+from bungate.http.tunnels import Tunnels
 from bungate.http.upstream.tls import upstream_tls_policy
 from bungate.ops.logging import access_logger, log_access
 from bungate.ops.metrics import GatewayMetrics

@@ -31,7 +31,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 
-from bungate.http.tunnel import take_over
+from bungate.http.takeover import take_over
 
 __all__ = ["GOAWAY_WAIT", "GatewayH2Connection", "switch_to_h2"]
 

@@ -22,7 +22,7 @@ from twisted.web import client, server
 from bungate.core.http1 import HOP_BY_HOP, NO_BODY_STATUS, origin_form, serialize_head
 from bungate.http.middleware import middleware_failed, run_response_middlewares
 from bungate.http.site import GatewayRequest, error_response, json_response
-from bungate.http.tunnel import channel_leftover
+from bungate.http.takeover import channel_leftover
 from bungate.http.upstream.pool import (
     UpstreamClient,
     UpstreamConnectTimeout,
@@ -121,7 +121,7 @@ class ReverseProxy:
         self.metrics = metrics
         self.underscores = underscores
         #: the upstream connections (see :mod:`bungate.http.upstream.pool` for why not Agent).
-        #: the worker's WebSocket tunnels (:class:`bungate.http.tunnel.Tunnels`), set by
+        #: the worker's WebSocket tunnels (:class:`bungate.http.tunnels.Tunnels`), set by
         #: the app; ``None``: upgrades are refused.
         self.tunnels: Any = None
         self.upstreams = UpstreamClient(

@@ -53,26 +53,25 @@ second one. Once the client has answered our close frame with its own, the gatew
 client's TCP connection (the server's part in RFC 6455, 7.1.1), and the upstream's follows
 by the rule above.
 
-:class:`Tunnels` is the worker's registry: a cap on open tunnels (:meth:`Tunnels.try_open`
-refuses beyond it), byte counters for metrics, and :meth:`Tunnels.going_away_all`.
+The worker's registry of tunnels is :mod:`bungate.http.tunnels`; handing a connection
+from its protocol to a tunnel (or to HTTP/2) is :mod:`bungate.http.takeover`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, Optional
 
-import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bungate._once import Once
 from bungate.core.wsframe import CLOSE_GOING_AWAY, FrameError, FrameTracker, close_frame
+from bungate.http.takeover import take_over
 
 __all__ = [
     "CLIENT_CLOSED",
@@ -83,10 +82,6 @@ __all__ = [
     "UPSTREAM_CLOSED",
     "UPSTREAM_PROTOCOL_ERROR",
     "Tunnel",
-    "TunnelTotals",
-    "Tunnels",
-    "channel_leftover",
-    "take_over",
 ]
 
 _log = Logger(namespace="bungate.tunnel")
@@ -104,105 +99,6 @@ CLOSED = "closed"  # Tunnel.close() by the caller
 _RELAY = 0  # pass them on
 _CLOSE_AT_BOUNDARY = 1  # pass them on up to the next frame boundary, then our close frame
 _SHUT = 2  # our close frame went out: pass nothing more on
-
-
-# --- handing a connection over ------------------------------------------------------------
-
-
-@implementer(IPushProducer)
-class _NoProducer:
-    """Stands in for a retired protocol's network producer: ignores every call."""
-
-    def pauseProducing(self) -> None:
-        """Ignored."""
-
-    def resumeProducing(self) -> None:
-        """Ignored."""
-
-    def stopProducing(self) -> None:
-        """Ignored."""
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        """Ignored."""
-
-    def unregisterProducer(self) -> None:
-        """Ignored."""
-
-
-def _retire(old: Any) -> None:
-    """Cut a protocol off from the transport that is being taken from it."""
-    if old is None:
-        return
-    inner = getattr(old, "_channel", None)  # twisted.web's _GenericHTTPChannelProtocol
-    for protocol in (old, inner):
-        if protocol is None:
-            continue
-        set_timeout = getattr(protocol, "setTimeout", None)
-        if callable(set_timeout):  # policies.TimeoutMixin (HTTPChannel)
-            set_timeout(None)
-        if hasattr(protocol, "_networkProducer"):
-            # HTTPChannel resumes or pauses its transport through this when a request
-            # ends or its own buffer fills; it must not touch the tunnel's transport.
-            protocol._networkProducer = _NoProducer()
-        protocol.transport = None
-        protocol.connected = 0
-
-
-def take_over(transport: Any, protocol: Any) -> Any:
-    """
-    Detach ``transport`` from the protocol it serves and connect ``protocol`` to it.
-
-    Works for a TCP transport (its ``protocol`` is replaced), a TLS connection made by a
-    ``TLSMemoryBIOFactory`` (the ``TLSMemoryBIOProtocol`` is the transport; its
-    ``wrappedProtocol`` is replaced, decryption carries on) and TLS started on the TCP
-    transport itself (its protocol is the TLS wrapper). The old protocol never hears of the
-    connection again (not even ``connectionLost``): the caller does its bookkeeping. Its
-    producer registration on the transport is dropped, its timeout cancelled and its
-    ``transport`` set to ``None``. The transport is left as it was, paused or reading.
-
-    :param transport: ``request.channel.transport`` on the client side, the upstream
-        connection protocol's ``transport`` on the other.
-    :param protocol: the new protocol; its ``makeConnection`` is called.
-    :returns: the transport ``protocol`` writes to (``transport`` itself).
-    """
-    old: Any
-    if isinstance(transport, ProtocolWrapper):
-        old = transport.wrappedProtocol
-        transport.wrappedProtocol = protocol
-    else:
-        current = getattr(transport, "protocol", None)
-        if isinstance(current, ProtocolWrapper):
-            old = current.wrappedProtocol
-            current.wrappedProtocol = protocol
-        else:
-            old = current
-            transport.protocol = protocol
-    transport.unregisterProducer()
-    _retire(old)
-    protocol.makeConnection(transport)
-    return transport
-
-
-def channel_leftover(channel: Any) -> bytes:
-    """
-    Take the bytes a twisted.web ``HTTPChannel`` read after the request it is serving.
-
-    While a request is served, the channel keeps what arrives after it (it would parse it
-    as the next request once the answer is done); after a 101 those bytes are the
-    client's first WebSocket frames. They are removed from the channel.
-
-    Relies on ``HTTPChannel._dataBuffer`` and ``LineReceiver._buffer`` (checked against the
-    Twisted release this project pins); a channel without them has nothing left over.
-    """
-    channel = getattr(channel, "_channel", channel)  # _GenericHTTPChannelProtocol
-    pieces: List[bytes] = list(getattr(channel, "_dataBuffer", None) or ())
-    if pieces:
-        channel._dataBuffer = []
-    rest = getattr(channel, "_buffer", b"")
-    if rest:
-        channel._buffer = b""
-        pieces.append(rest)
-    return b"".join(pieces)
 
 
 # --- the tunnel ---------------------------------------------------------------------------
@@ -576,176 +472,3 @@ class Tunnel:
             self._on_closed(reason)
         finally:
             self._done.fire(reason)
-
-
-# --- the worker's registry ----------------------------------------------------------------
-
-
-@attrs.frozen
-class TunnelTotals:
-    """
-    A worker's tunnel counters, for metrics.
-
-    :ivar open: tunnels open now.
-    :ivar opened: tunnels opened so far.
-    :ivar refused: tunnels refused (cap reached, or draining).
-    :ivar client_to_upstream: bytes relayed from clients to upstreams (open tunnels too).
-    :ivar upstream_to_client: bytes relayed from upstreams to clients (open tunnels too).
-    """
-
-    open: int
-    opened: int
-    refused: int
-    client_to_upstream: int
-    upstream_to_client: int
-
-
-class Tunnels:
-    """
-    The tunnels of one worker.
-
-    :param clock: the reactor; a ``Clock`` in tests.
-    :param max_open: the most tunnels open at once (``None``: no cap).
-    :param idle_timeout: passed to each :class:`Tunnel`.
-    :param flush_timeout: passed to each :class:`Tunnel`.
-    :param on_closed: called with each tunnel and its reason once it has closed (after
-        the registry has counted it).
-    :param on_opened: called with each tunnel once it is open (before ``on_closed`` even
-        for a tunnel that closes at once).
-    :param on_refused: called for each tunnel refused (:meth:`refuse`, or
-        :meth:`try_open` without room).
-    :param random_bytes: the source of masking keys, passed to each :class:`Tunnel`.
-    """
-
-    def __init__(
-        self,
-        clock: Any,
-        *,
-        max_open: Optional[int] = None,
-        idle_timeout: float = 300.0,
-        flush_timeout: float = 10.0,
-        on_closed: Optional[Callable[[Tunnel, str], None]] = None,
-        on_opened: Optional[Callable[[Tunnel], None]] = None,
-        on_refused: Optional[Callable[[], None]] = None,
-        random_bytes: Callable[[int], bytes] = os.urandom,
-    ) -> None:
-        self.clock = clock
-        self.on_opened = on_opened
-        self.on_refused = on_refused
-        self.max_open = max_open
-        self.idle_timeout = idle_timeout
-        self.flush_timeout = flush_timeout
-        self.on_closed = on_closed
-        self._random_bytes = random_bytes
-        self.tunnels: Set[Tunnel] = set()
-        self.opened = 0
-        self.refused = 0
-        self.draining = False
-        self._closed_client_to_upstream = 0
-        self._closed_upstream_to_client = 0
-        self._drained: Once[None] = Once()
-
-    @property
-    def open(self) -> int:
-        """How many tunnels are open."""
-        return len(self.tunnels)
-
-    @property
-    def has_room(self) -> bool:
-        """Whether :meth:`try_open` would open one more tunnel now."""
-        return not self.draining and (self.max_open is None or len(self.tunnels) < self.max_open)
-
-    def try_open(
-        self,
-        client: Any,
-        upstream: Any,
-        *,
-        client_leftover: bytes = b"",
-        upstream_leftover: bytes = b"",
-        client_head: bytes = b"",
-        idle_timeout: Optional[float] = None,
-    ) -> Optional[Tunnel]:
-        """
-        Open a tunnel between two connections, unless the cap is reached or the worker
-        drains.
-
-        :param idle_timeout: this tunnel's, instead of the registry's.
-        :returns: the :class:`Tunnel`; or ``None``, and then neither connection has been
-            touched (the caller answers the client, e.g. 503, and closes the upstream).
-        """
-        if not self.has_room:
-            self.refuse()
-            return None
-        self.opened += 1
-        box: List[Tunnel] = []
-        early: List[str] = []
-
-        def closed(reason: str) -> None:
-            if box:
-                self._closed(box[0], reason)
-            else:  # closed from inside the constructor (a transport that closes at once)
-                early.append(reason)
-
-        tunnel = Tunnel(
-            client,
-            upstream,
-            clock=self.clock,
-            idle_timeout=self.idle_timeout if idle_timeout is None else idle_timeout,
-            on_closed=closed,
-            client_leftover=client_leftover,
-            upstream_leftover=upstream_leftover,
-            client_head=client_head,
-            flush_timeout=self.flush_timeout,
-            random_bytes=self._random_bytes,
-        )
-        box.append(tunnel)
-        self.tunnels.add(tunnel)
-        if self.on_opened is not None:
-            self.on_opened(tunnel)
-        if early:
-            self._closed(tunnel, early[0])
-        return tunnel
-
-    def refuse(self) -> None:
-        """Count a tunnel the caller refused because :attr:`has_room` was false."""
-        self.refused += 1
-        if self.on_refused is not None:
-            self.on_refused()
-
-    def going_away_all(self, grace: float, reason: bytes = b"") -> defer.Deferred[None]:
-        """
-        Refuse new tunnels and end every open one (:meth:`Tunnel.going_away`).
-
-        :returns: a Deferred that fires once every tunnel has closed (within about
-            ``grace`` seconds, when the deadline aborts what is left).
-        """
-        self.draining = True
-        d = self._drained.wait()
-        for tunnel in list(self.tunnels):
-            tunnel.going_away(grace, reason)
-        if not self.tunnels:
-            self._drained.fire(None)
-        return d
-
-    def totals(self) -> TunnelTotals:
-        """The counters now."""
-        return TunnelTotals(
-            open=len(self.tunnels),
-            opened=self.opened,
-            refused=self.refused,
-            client_to_upstream=self._closed_client_to_upstream
-            + sum(t.client_to_upstream for t in self.tunnels),
-            upstream_to_client=self._closed_upstream_to_client
-            + sum(t.upstream_to_client for t in self.tunnels),
-        )
-
-    def _closed(self, tunnel: Tunnel, reason: str) -> None:
-        self.tunnels.discard(tunnel)
-        self._closed_client_to_upstream += tunnel.client_to_upstream
-        self._closed_upstream_to_client += tunnel.upstream_to_client
-        try:
-            if self.on_closed is not None:
-                self.on_closed(tunnel, reason)
-        finally:
-            if self.draining and not self.tunnels:
-                self._drained.fire(None)

@@ -29,7 +29,7 @@ directories and hands them to that user, writes its pid file (``--pidfile``), th
 root (:mod:`bungate.ops.daemon`) before it starts a worker: the workers, and the config
 checks, run as that user. Per-process resources of the fleet are written on every
 heartbeat tick to the metrics directory, where ``/metrics`` shows them
-(:class:`~bungate.ops.metrics.ProcessResources`).
+(:class:`~bungate.ops.resources.ProcessResources`).
 """
 
 from __future__ import annotations
@@ -55,15 +55,10 @@ from bungate.master.listeners import wanted_listeners
 from bungate.master.slot import SlotState
 from bungate.ops import sdnotify, socket_activation
 from bungate.ops.daemon import Identity, process_options, resolve_identity
-from bungate.ops.metrics import (
-    MasterMetrics,
-    ProcessResources,
-    multiprocess_dir,
-    prepare_multiprocess_dir,
-    publish_collected,
-)
+from bungate.ops.metrics import MasterMetrics, multiprocess_dir, prepare_multiprocess_dir
 from bungate.ops.pidfile import PidFile
 from bungate.ops.procfs import usage
+from bungate.ops.resources import ProcessResources, publish_collected
 from bungate.ops.rundir import own_run_dirs, sweep_stale_run_dirs
 
 __all__ = ["REPORTED_STATES", "MasterService", "SignalHandlers"]

@@ -1,5 +1,5 @@
 """
-End-to-end tests of bungate.http.tunnel over real sockets on 127.0.0.1.
+End-to-end tests of bungate.http.tunnel (and .tunnels, .takeover) over real sockets on 127.0.0.1.
 
 autobahn clients talk to an autobahn echo server through a tiny in-test proxy, standing in
 for the gateway: for each client connection it reads the upgrade head, connects to the echo
@@ -42,6 +42,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from bungate.core.wsframe import BINARY, CLOSE, TEXT, close_frame
+from bungate.http.takeover import channel_leftover
 from bungate.http.transport import EagerPort, make_eager
 from bungate.http.tunnel import (
     CLIENT_PROTOCOL_ERROR,
@@ -49,9 +50,8 @@ from bungate.http.tunnel import (
     IDLE_TIMEOUT,
     UPSTREAM_CLOSED,
     Tunnel,
-    Tunnels,
-    channel_leftover,
 )
+from bungate.http.tunnels import Tunnels
 from bungate.testing import wait_until
 from tests.core.test_wsframe import reference_frame
 

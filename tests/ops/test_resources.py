@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
-from bungate.ops.metrics import ProcessResources, publish_collected
 from bungate.ops.procfs import ProcessUsage, open_fds, usage
+from bungate.ops.resources import ProcessResources, publish_collected
 
 
 def test_usage_of_this_process():

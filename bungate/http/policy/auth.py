@@ -36,52 +36,37 @@ Nothing here logs a token or a key. The JWKS fetch failures are logged, at most 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Callable, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
-import treq
-from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import client
 from twisted.web.http_headers import Headers
 
-from bungate.config import ConfigError
-from bungate.config.policy import AuthConfig, JwtConfig
+from bungate.config.policy import AuthConfig
 from bungate.core.auth import (
     ApiKeys,
     AuthError,
     Claims,
     JwksKeys,
-    JwtSettings,
     JwtVerifier,
-    KeySource,
-    PublicKeyFile,
-    SecretKey,
-    cache_lifetime,
     extract_token,
-    parse_api_key_file,
 )
 from bungate.core.routing import Router
+from bungate.http.policy.auth_sources import build_api_keys, build_verifier, key_source
+from bungate.http.policy.jwks_fetch import MAX_JWKS_BYTES, JwksFetcher, JwksResult
 from bungate.http.site import json_response
 
 __all__ = ["MAX_JWKS_BYTES", "AuthPolicy", "Identity", "JwksFetcher"]
 
 log = Logger(namespace="bungate.auth")
 
-#: A JWKS document larger than this is refused (a key set is a few kilobytes).
-MAX_JWKS_BYTES = 1 << 20
-
 _REALM = "bungate"
 _NO_NAMES: Mapping[str, str] = {}
-_JwksResult = tuple[bytes, Optional[float]]
 
 
 @attrs.frozen
@@ -98,130 +83,6 @@ class Identity:
     kind: str
     subject: Optional[str]
     claims: Mapping[str, Any] = attrs.field(repr=False)
-
-
-class _TooLarge(ValueError):
-    pass
-
-
-class JwksFetcher:
-    """
-    Gets a JWKS document with treq: ``GET uri``, no redirects followed, ``200`` only, the
-    body at most :data:`MAX_JWKS_BYTES`; the whole exchange is cancelled after
-    ``timeout`` seconds. The lifetime is read from ``Cache-Control`` or ``Expires`` by
-    :func:`~bungate.core.auth.cache_lifetime`. A failure is logged and passed on (the
-    :class:`~bungate.core.auth.JwksKeys` keeps its last good set).
-
-    :param uri: the ``jwks_uri``.
-    :param reactor: connects.
-    :param clock: times the fetch out and dates the response (the reactor by default).
-    :param timeout: seconds a fetch may take.
-    """
-
-    def __init__(self, uri: str, reactor: Any, clock: Any = None, *, timeout: float = 10.0) -> None:
-        self.uri = uri
-        parts = urlsplit(uri)
-        self._shown_uri = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
-        self._timeout = timeout
-        self._pool: Optional[client.HTTPConnectionPool] = None
-        self._client: Optional[HTTPClient] = None
-        self._pending: Optional[Deferred[_JwksResult]] = None
-        self._closed = False
-
-    def _http(self) -> HTTPClient:
-        if self._client is None:
-            pool = self._pool = client.HTTPConnectionPool(self._reactor, persistent=True)
-            pool.maxPersistentPerHost = 1
-            pool.cachedConnectionTimeout = 60
-            agent = client.Agent(self._reactor, connectTimeout=self._timeout, pool=pool)
-            self._client = HTTPClient(agent)
-        return self._client
-
-    def __call__(self) -> Deferred[_JwksResult]:
-        """
-        Fetch the document once.
-
-        :returns: a Deferred firing ``(body, lifetime)``, or failing.
-        """
-        if self._closed:
-            return fail(RuntimeError("the JWKS fetcher is closed"))
-        d: Deferred[Any] = self._http().get(
-            self.uri,
-            headers=Headers({b"accept": [b"application/jwk-set+json, application/json"]}),
-            allow_redirects=False,
-        )
-        d.addCallback(self._read)
-        d.addTimeout(self._timeout, self._clock)
-        d.addErrback(self._failed)
-        self._pending = d
-        d.addBoth(self._done, d)
-        return d
-
-    def _read(self, response: Any) -> Deferred[_JwksResult]:
-        chunks: list[bytes] = []
-        size = [0]
-
-        def collect(data: bytes) -> None:
-            size[0] += len(data)
-            if size[0] > MAX_JWKS_BYTES:
-                raise _TooLarge(f"the document is over {MAX_JWKS_BYTES} bytes")
-            chunks.append(data)
-
-        body: Deferred[Any] = treq.collect(response, collect)
-
-        def done(_: None) -> _JwksResult:
-            if response.code != 200:
-                raise ValueError(f"HTTP status {response.code}")
-            document = b"".join(chunks)
-            _check_document(document)
-            headers = {
-                name.decode("latin-1"): ", ".join(v.decode("latin-1") for v in values)
-                for name, values in response.headers.getAllRawHeaders()
-            }
-            return document, cache_lifetime(headers, now=self._clock.seconds())
-
-        return body.addCallback(done)
-
-    def _failed(self, reason: Failure) -> Failure:
-        if self._closed:
-            return reason  # cancelled by close(): nothing to tell
-        log.warn(
-            "Could not fetch the JWKS from {uri} (the last good key set is kept): {error}",
-            uri=self._shown_uri,
-            error=f"{type(reason.value).__name__}: {reason.getErrorMessage()}",
-        )
-        return reason
-
-    def _done(self, result: Any, d: Deferred[_JwksResult]) -> Any:
-        if self._pending is d:
-            self._pending = None
-        return result
-
-    def close(self) -> Deferred[None]:
-        """
-        Cancel the fetch under way, refuse new ones, and close the idle connection.
-
-        :returns: a Deferred firing once the connection is closed.
-        """
-        self._closed = True
-        if self._pending is not None:
-            self._pending.cancel()
-        if self._pool is None:
-            d: Deferred[None] = Deferred()
-            d.callback(None)
-            return d
-        return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
-
-
-def _check_document(document: bytes) -> None:
-    try:
-        parsed = json.loads(document)
-    except (ValueError, RecursionError):
-        raise ValueError("the body is not JSON") from None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("keys"), list):
-        raise ValueError("the body is not a JWKS document (no 'keys' list)")
 
 
 class AuthPolicy:
@@ -288,7 +149,7 @@ class AuthPolicy:
         clock: Any = None,
         names: Mapping[str, str] = _NO_NAMES,
         environ: Optional[Mapping[str, str]] = None,
-        fetch: Optional[Callable[[], Deferred[_JwksResult]]] = None,
+        fetch: Optional[Callable[[], Deferred[JwksResult]]] = None,
         jwks_timeout: float = 10.0,
         forward_api_key: bool = False,
     ) -> AuthPolicy:
@@ -333,7 +194,7 @@ class AuthPolicy:
         jwks: Optional[JwksKeys] = None
         fetcher: Optional[JwksFetcher] = None
         if config.jwt is not None:
-            keys, where = _key_source(config.jwt, source, f"{key}.jwt", names, env)
+            keys, where = key_source(config.jwt, source, f"{key}.jwt", names, env)
             if config.jwt.jwks_uri is not None:
                 if fetch is None:
                     fetch = fetcher = JwksFetcher(
@@ -343,8 +204,8 @@ class AuthPolicy:
                     fetch, clock, min_refetch_interval=config.jwt.jwks_min_refresh
                 )
             assert keys is not None
-            verifier = _verifier(config.jwt, keys, clock, source, f"{key}.jwt", where)
-        api_keys = _api_keys(config, source, key, names, env)
+            verifier = build_verifier(config.jwt, keys, clock, source, f"{key}.jwt", where)
+        api_keys = build_api_keys(config, source, key, names, env)
         policy = cls(
             verifier,
             api_keys,
@@ -592,148 +453,3 @@ def _scalar(value: Any) -> str:
 def _quotable(text: str) -> str:
     """``text`` fit for an RFC 6750 quoted attribute (no ``"``, ``\\`` or controls)."""
     return "".join(c for c in text if " " <= c <= "~" and c not in '"\\')
-
-
-# --- building ---------------------------------------------------------------------------------
-
-
-def _shown(path: str, names: Mapping[str, str]) -> str:
-    return names.get(path, path)
-
-
-def _read(path: str, source: str, key: str, what: str, names: Mapping[str, str]) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        reason = e.strerror or str(e)
-        shown = _shown(path, names)
-        raise ConfigError(source, key, f"cannot read the {what} file {shown}: {reason}") from None
-
-
-def _variable(name: str, source: str, key: str, environ: Mapping[str, str]) -> str:
-    value = environ.get(name)
-    if value is None:
-        raise ConfigError(source, key, f"the environment variable {name} is not set")
-    if not value.strip():
-        raise ConfigError(source, key, f"the environment variable {name} is empty")
-    return value
-
-
-def _key_source(
-    jwt: JwtConfig, source: str, key: str, names: Mapping[str, str], environ: Mapping[str, str]
-) -> tuple[Optional[KeySource], tuple[str, str]]:
-    """
-    The static key of a ``jwt`` section (``None`` for a ``jwks_uri``), and where it was
-    configured: ``(dotted key, what to call it in a message)``.
-    """
-    if jwt.public_key is not None:
-        where = (f"{key}.public_key", _shown(jwt.public_key, names))
-        pem = _read(jwt.public_key, source, where[0], "public key", names)
-        try:
-            return PublicKeyFile(pem), where
-        except ValueError as e:
-            raise ConfigError(source, where[0], f"{where[1]}: {e}") from None
-    if jwt.jwks_uri is not None:
-        return None, (f"{key}.jwks_uri", jwt.jwks_uri)
-    if jwt.secret_file is not None:
-        where = (f"{key}.secret_file", _shown(jwt.secret_file, names))
-        secret = _read(jwt.secret_file, source, where[0], "secret", names).rstrip(b"\r\n")
-        if not secret:
-            raise ConfigError(source, where[0], f"the secret file {where[1]} is empty")
-    elif jwt.secret_env is not None:
-        where = (f"{key}.secret_env", f"the environment variable {jwt.secret_env}")
-        secret = _variable(jwt.secret_env, source, where[0], environ).encode("utf-8")
-    else:
-        assert jwt.secret is not None  # the config holds exactly one key source
-        where = (f"{key}.secret", "the secret")
-        secret = jwt.secret.encode("utf-8")
-    try:
-        return SecretKey(secret), where
-    except ValueError as e:
-        raise ConfigError(source, where[0], f"{where[1]}: {e}") from None
-
-
-def _verifier(
-    jwt: JwtConfig, keys: KeySource, clock: Any, source: str, key: str, where: tuple[str, str]
-) -> JwtVerifier:
-    try:
-        settings = JwtSettings(
-            algorithms=jwt.algorithms,
-            issuer=jwt.issuer,
-            audience=jwt.audience,
-            leeway=jwt.leeway,
-            required_claims=jwt.required_claims,
-            required_scopes=jwt.required_scopes,
-            require_expiry=jwt.require_expiry,
-        )
-    except ValueError as e:
-        raise ConfigError(source, key, str(e)) from None
-    try:
-        return JwtVerifier(settings, clock, keys)
-    except ValueError as e:
-        raise ConfigError(source, where[0], f"{where[1]}: {e}") from None
-
-
-def _api_keys(
-    config: AuthConfig,
-    source: str,
-    key: str,
-    names: Mapping[str, str],
-    environ: Mapping[str, str],
-) -> Optional[ApiKeys]:
-    parts: list[tuple[str, ApiKeys]] = []
-    if config.api_keys:
-        try:
-            inline = ApiKeys.parse([{"key": k.key, "name": k.name} for k in config.api_keys])
-        except ValueError as e:
-            raise ConfigError(source, f"{key}.api_keys", str(e)) from None
-        parts.append((f"{key}.api_keys", inline))
-    if config.api_keys_file is not None:
-        where, shown = f"{key}.api_keys_file", _shown(config.api_keys_file, names)
-        data = _read(config.api_keys_file, source, where, "API key", names)
-        try:
-            keys = parse_api_key_file(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(source, where, f"{shown} is not UTF-8 text") from None
-        except ValueError as e:
-            raise ConfigError(source, where, f"{shown}: {e}") from None
-        if not keys.digests:
-            raise ConfigError(source, where, f"{shown} holds no API key")
-        parts.append((where, keys))
-    if config.api_keys_env is not None:
-        where, name = f"{key}.api_keys_env", config.api_keys_env
-        value = _variable(name, source, where, environ)
-        try:
-            keys = ApiKeys.parse(_env_entries(value))
-        except ValueError as e:
-            raise ConfigError(source, where, f"the environment variable {name}: {e}") from None
-        if not keys.digests:
-            raise ConfigError(source, where, f"the environment variable {name} holds no API key")
-        parts.append((where, keys))
-    if not parts:
-        return None
-    seen: set[bytes] = set()
-    for where, keys in parts:
-        for digest, name in keys.digests:
-            if digest in seen:
-                raise ConfigError(
-                    source, where, f"the key of {name!r} is also given in another key source"
-                )
-            seen.add(digest)
-    return ApiKeys(digests=tuple(pair for _, keys in parts for pair in keys.digests))
-
-
-def _env_entries(value: str) -> list[Union[str, dict[str, str]]]:
-    """The entries of an API key variable: ``key`` or ``name=key``, comma-separated."""
-    entries: list[Union[str, dict[str, str]]] = []
-    for item in value.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, equals, rest = item.partition("=")
-        if equals and rest.strip("="):
-            entries.append({"key": rest, "name": name})
-        else:
-            entries.append(item)
-    return entries

@@ -346,7 +346,7 @@ class Exchange:
 
         :returns: the connection's transport and the bytes read after the 101 head; the
             connection is never reused, and its protocol hears nothing more (the caller
-            takes the transport over, see :func:`bungate.http.tunnel.take_over`).
+            takes the transport over, see :func:`bungate.http.takeover.take_over`).
         """
         conn = self.connection
         assert conn is not None
