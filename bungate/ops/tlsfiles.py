@@ -43,6 +43,8 @@ __all__ = [
     "load_ca",
     "normal_netloc",
     "pairs",
+    "read_config_file",
+    "shown_path",
     "trust_by_netloc",
 ]
 
@@ -79,31 +81,39 @@ def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _shown(path: str, names: Names) -> str:
+def shown_path(path: str, names: Names) -> str:
     """The path to name in a message: the operator's file rather than the master's copy."""
     return names.get(path, path)
 
 
-def _read(path: str, source: str, name: str, what: str, names: Names) -> bytes:
+def read_config_file(path: str, source: str, name: str, what: str, names: Names) -> bytes:
+    """
+    The bytes of a file a config key names (a key, a certificate, a secret).
+
+    :param name: the config key, for the error.
+    :param what: what the file is, for the error (``"private key"``).
+    :param names: the operator's paths of the master's private copies.
+    :raises ConfigError: naming the key and the operator's path when it cannot be read.
+    """
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
         reason = e.strerror or str(e)
-        shown = _shown(path, names)
+        shown = shown_path(path, names)
         raise ConfigError(source, name, f"cannot read the {what} file {shown}: {reason}") from None
 
 
 def _load_certificates(
     path: str, source: str, name: str, what: str, names: Names
 ) -> list[x509.Certificate]:
-    data = _read(path, source, name, what, names)
+    data = read_config_file(path, source, name, what, names)
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
         certs = []
     if not certs:
-        raise ConfigError(source, name, f"{_shown(path, names)} holds no PEM certificate")
+        raise ConfigError(source, name, f"{shown_path(path, names)} holds no PEM certificate")
     return certs
 
 
@@ -174,18 +184,18 @@ def _load_pair(
         raise ConfigError(source, key_name, "is required when tls.enabled is true")
     chain = _load_certificates(cert_path, source, cert_name, "certificate", names)
     leaf = chain[0]
-    _check_dates(leaf, _shown(cert_path, names), source, cert_name, now)
+    _check_dates(leaf, shown_path(cert_path, names), source, cert_name, now)
     for extra in chain[1:]:
         if now > _not_after(extra):
             log.warn(
                 "chain certificate {subject} in {path} has expired; clients that need it "
                 "will fail to verify the server",
                 subject=_subject(extra),
-                path=_shown(cert_path, names),
+                path=shown_path(cert_path, names),
             )
 
-    data = _read(key_path, source, key_name, "private key", names)
-    cert_path, key_path = _shown(cert_path, names), _shown(key_path, names)
+    data = read_config_file(key_path, source, key_name, "private key", names)
+    cert_path, key_path = shown_path(cert_path, names), shown_path(key_path, names)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -347,7 +357,7 @@ def copy_certificate_files(
     for path, key, what in certificate_files(config):
         if path in copies:
             continue
-        data = _read(path, config.source, key, what, _NO_NAMES)
+        data = read_config_file(path, config.source, key, what, _NO_NAMES)
         copy = os.path.join(directory, f"{len(copies)}-{os.path.basename(path) or 'file'}")
         try:
             _write_private(copy, data)
@@ -463,7 +473,7 @@ def load_ca(path: str, source: str, name: str, names: Names = _NO_NAMES) -> list
             log.warn(
                 "CA certificate {subject} in {path} has expired",
                 subject=_subject(cert),
-                path=_shown(path, names),
+                path=shown_path(path, names),
             )
     return certs
 

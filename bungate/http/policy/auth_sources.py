@@ -19,22 +19,9 @@ from bungate.core.auth import (
     SecretKey,
     parse_api_key_file,
 )
+from bungate.ops.tlsfiles import read_config_file, shown_path
 
 __all__ = ["build_api_keys", "build_verifier", "key_source"]
-
-
-def _shown(path: str, names: Mapping[str, str]) -> str:
-    return names.get(path, path)
-
-
-def _read(path: str, source: str, key: str, what: str, names: Mapping[str, str]) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        reason = e.strerror or str(e)
-        shown = _shown(path, names)
-        raise ConfigError(source, key, f"cannot read the {what} file {shown}: {reason}") from None
 
 
 def _variable(name: str, source: str, key: str, environ: Mapping[str, str]) -> str:
@@ -54,8 +41,8 @@ def key_source(
     configured: ``(dotted key, what to call it in a message)``.
     """
     if jwt.public_key is not None:
-        where = (f"{key}.public_key", _shown(jwt.public_key, names))
-        pem = _read(jwt.public_key, source, where[0], "public key", names)
+        where = (f"{key}.public_key", shown_path(jwt.public_key, names))
+        pem = read_config_file(jwt.public_key, source, where[0], "public key", names)
         try:
             return PublicKeyFile(pem), where
         except ValueError as e:
@@ -63,8 +50,9 @@ def key_source(
     if jwt.jwks_uri is not None:
         return None, (f"{key}.jwks_uri", jwt.jwks_uri)
     if jwt.secret_file is not None:
-        where = (f"{key}.secret_file", _shown(jwt.secret_file, names))
-        secret = _read(jwt.secret_file, source, where[0], "secret", names).rstrip(b"\r\n")
+        where = (f"{key}.secret_file", shown_path(jwt.secret_file, names))
+        data = read_config_file(jwt.secret_file, source, where[0], "secret", names)
+        secret = data.rstrip(b"\r\n")
         if not secret:
             raise ConfigError(source, where[0], f"the secret file {where[1]} is empty")
     elif jwt.secret_env is not None:
@@ -116,8 +104,8 @@ def build_api_keys(
             raise ConfigError(source, f"{key}.api_keys", str(e)) from None
         parts.append((f"{key}.api_keys", inline))
     if config.api_keys_file is not None:
-        where, shown = f"{key}.api_keys_file", _shown(config.api_keys_file, names)
-        data = _read(config.api_keys_file, source, where, "API key", names)
+        where, shown = f"{key}.api_keys_file", shown_path(config.api_keys_file, names)
+        data = read_config_file(config.api_keys_file, source, where, "API key", names)
         try:
             keys = parse_api_key_file(data.decode("utf-8"))
         except UnicodeDecodeError:
