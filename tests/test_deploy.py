@@ -295,6 +295,40 @@ def test_dockerfile(name):
         assert re.search(r"^FROM python:3\.\d+-slim", text, re.MULTILINE)
 
 
+def _container_engine() -> str | None:
+    """A container tool whose engine answers (the client alone cannot build), or None."""
+    for tool in ("docker", "podman"):
+        path = shutil.which(tool)
+        if path is None:
+            continue
+        try:
+            done = subprocess.run([path, "info"], capture_output=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return path
+    return None
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.pypy"])
+def test_the_image_builds_where_a_container_engine_runs(name):
+    engine = _container_engine()
+    if engine is None:
+        pytest.skip("no container engine answers `docker info` or `podman info` here")
+    tag = f"bungate-test-{name.lower().replace('.', '-')}"
+    done = subprocess.run(
+        [engine, "build", "-f", str(DEPLOY / name), "-t", tag, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    version = subprocess.run(
+        [engine, "run", "--rm", tag, "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert bungate.__version__ in version.stdout + version.stderr
+
+
 # --- kubernetes ----------------------------------------------------------------------------
 
 
