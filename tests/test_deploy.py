@@ -515,8 +515,8 @@ def test_the_pods_share_one_redis_for_their_rate_limits():
 
 
 def test_per_process_metrics_in_the_dashboard_and_alerts_are_collected():
-    from bungate.ops.metrics import ProcessResources
     from bungate.ops.procfs import ProcessUsage
+    from bungate.ops.resources import ProcessResources
 
     collector = ProcessResources(lambda: {"1": 1}, read=lambda pid: ProcessUsage(pid, 1, 1.0, 1))
     suffixes = {"counter": "_total", "gauge": ""}
