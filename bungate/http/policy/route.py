@@ -231,12 +231,9 @@ class RoutePolicy:
         return self._after_limit(request, upstream, decision)
 
     def _after_limit(self, request: Any, upstream: UpstreamRequest, decision: Any) -> Any:
-        limit = self.limit
-        if not decision.allowed:
-            status, headers, body = limit.refusal(decision, request.request_id.decode("latin-1"))
-            return Refusal(status, "rate_limited", tuple(headers), body)
-        if limit.send_headers:
-            request.rate_limit_headers = limit.headers(decision)
+        refusal = self._limit_verdict(request, decision)
+        if refusal is not None:
+            return refusal
         return self._before(request, upstream)
 
     def _before(self, request: Any, upstream: UpstreamRequest) -> Any:
