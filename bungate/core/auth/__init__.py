@@ -12,14 +12,7 @@ registered claim) is ``401`` (``invalid_token``); ``403`` (``insufficient_scope`
 for a token that proved a valid identity but lacks a scope or a private claim the route
 requires. Messages never include the token or a key.
 
-JWT verification, in order: the token's size; its header (``alg`` must be one of the
-configured algorithms, ``none`` never is; ``kid`` a string); the key for ``alg`` and
-``kid``; the signature (by PyJWT); then the claims, with the clock passed in: ``exp``
-(required unless ``require_expiry`` is off; the token is expired from the instant
-``now >= exp + leeway``), ``nbf`` (valid from ``now >= nbf - leeway``), ``iat`` (must be a
-number, not checked against the clock), ``iss`` (exactly equal), ``aud`` (one of the
-token's audiences is one of ours; a token naming an audience is refused when none is
-configured, as RFC 7519 section 4.1.3 requires), the required claims, the required scopes.
+The order of the JWT checks is in :mod:`bungate.core.auth.jwt`.
 
 The modules, each importable on its own, with every name also here:
 
