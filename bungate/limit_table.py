@@ -55,7 +55,7 @@ import fcntl
 import mmap
 import os
 import tempfile
-from typing import IO, Any
+from typing import IO, Any, Callable, Union
 
 from bungate.core.ratelimit import Decision, Rate, decide_us, key_hash, seconds_to_us
 
@@ -205,20 +205,30 @@ class LimitTable:
 
     # --- decisions ------------------------------------------------------------------------
 
-    def decide(self, route: str, key: bytes, rate: Rate, now: float, cost: int = 1) -> Decision:
+    def decide(
+        self,
+        route: str,
+        key: bytes,
+        rate: Rate,
+        now: Union[float, Callable[[], float]],
+        cost: int = 1,
+    ) -> Decision:
         """
         GCRA for one request of ``key`` on ``route``, exact across every process.
 
         :param route: the route's name.
         :param key: what the route limits by (a client address, an API key...).
         :param rate: the route's limit.
-        :param now: wall-clock time in seconds (the same clock in every process).
+        :param now: wall-clock time in seconds (the same clock in every process), or the
+            clock itself: it is then read once the key's lock is held, so a process that
+            read the time before another one took the lock cannot decide with an
+            earlier time than a decision already stored (its ``remaining`` would come
+            out one short).
         :param cost: how many requests this one counts as.
         :returns: the decision; the key's state is updated when it is allowed.
         :raises ValueError: for a cost out of range.
         """
         wanted = key_hash(route, key)
-        now_us = seconds_to_us(now)
         home = wanted & (self.slots - 1)
         group = self._group
         first = home & ~(group - 1)
@@ -227,6 +237,7 @@ class LimitTable:
         items = self._items
         fcntl.lockf(self._fd, fcntl.LOCK_EX, lock_length, lock_start)
         try:
+            now_us = seconds_to_us(now() if callable(now) else now)
             found = free = oldest = -1
             oldest_tat = 0
             for i in range(self.probe):

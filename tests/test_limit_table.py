@@ -360,3 +360,28 @@ def test_a_worker_killed_while_holding_the_lock_releases_it_and_the_budget_survi
     fcntl.lockf(backing.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
     fcntl.lockf(backing.fileno(), fcntl.LOCK_UN, length, start)
     assert not table.decide("api", b"one-key", Rate(50, 60), NOW).allowed  # not reset
+
+
+def test_a_clock_passed_in_is_read_while_the_keys_lock_is_held(made: Any) -> None:
+    # Read before the lock, a time could be older than the decision another process
+    # stored meanwhile, and its remaining count would come out one short.
+    table, backing = made
+    start, length = table.lock_range("r", b"k")
+    probe = (
+        "import fcntl, sys\n"
+        "try:\n"
+        f"    fcntl.lockf({backing.fileno()}, fcntl.LOCK_EX | fcntl.LOCK_NB, {length}, {start})\n"
+        "except OSError:\n"
+        "    sys.exit(1)\n"
+    )
+    seen: list[int] = []
+
+    def clock() -> float:
+        done = subprocess.run([sys.executable, "-c", probe], pass_fds=[backing.fileno()])
+        seen.append(done.returncode)
+        return NOW
+
+    decision = table.decide("r", b"k", Rate(3, 60), clock)
+    assert decision.allowed and decision.remaining == 2
+    assert seen == [1]  # read once, and another process could not take the lock then
+    assert table.decide("r", b"k", Rate(3, 60), NOW).remaining == 1

@@ -504,7 +504,7 @@ class RouteLimit:
             (``redis``: the ``on_backend_error`` fallback decides when Redis does not).
         """
         if self._table is not None:
-            return self._count(self._table.decide(self.name, key, self.rate, self._clock.seconds()))
+            return self._count(self._table.decide(self.name, key, self.rate, self._clock.seconds))
         assert self._redis is not None and self._fallback is not None
         d = decide_or_fallback(self._redis, self._fallback, self.name, key, self.rate)
         return d.addCallback(self._count)
